@@ -1,0 +1,395 @@
+"""The multi-LoRA engine: adapters on frozen base models, packed passes, AdamW, sampling.
+
+Plain torch + transformers; no sockets, no threads, no request ids. The scheduler hands the
+engine plain data (token arrays, loss inputs, adapter ids) and gets plain data back (numpy
+arrays, floats). Entry points are functions of (plan, tensors) so the same engine can later
+run under torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from . import losses as L
+from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair
+from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
+from .optim import AdapterOptimizer
+from .packing import build_micro_batch, plan_micro_batches
+from .sampler import SampleOutput, SampleRequest, generate
+
+
+class EngineInputError(ValueError):
+    """Bad input for one request; `where` names the datum and field (e.g. data[3].weights)."""
+
+    def __init__(self, message: str, where: Optional[str] = None):
+        super().__init__(message)
+        self.message = message
+        self.where = where
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    rank: int = 32
+    alpha: float = 32.0  # PEFT scaling = alpha / rank
+    seed: int = 0
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+
+    def groups(self) -> set[str]:
+        chosen = {"attn": self.train_attn, "mlp": self.train_mlp, "unembed": self.train_unembed}
+        return {g for g, on in chosen.items() if on}
+
+
+@dataclass
+class Adapter:
+    adapter_id: str
+    base: str
+    config: AdapterConfig
+    slot: int
+    pairs: dict[str, LoRAPair]  # module path -> weights
+    trainable: bool
+    optimizer: Optional[AdapterOptimizer] = None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in self.pairs.values() for t in (pair.lora_A, pair.lora_B)]
+
+
+@dataclass
+class EngineDatum:
+    tokens: np.ndarray  # int [N]
+    inputs: dict[str, np.ndarray]  # loss_fn_inputs, each [N]
+
+
+@dataclass
+class ForwardItem:
+    """One forward / forward_backward request: an adapter, its data and its loss."""
+
+    adapter_id: Optional[str]
+    data: list[EngineDatum]
+    loss_fn: str = "cross_entropy"
+    loss_fn_config: dict = field(default_factory=dict)
+
+
+@dataclass
+class ForwardResult:
+    logprobs: list[np.ndarray]  # per datum, float32 [N]
+    metrics: dict[str, float]
+
+
+class Engine:
+    def __init__(self, device: str = "auto", token_budget: int = 4096, logprob_chunk: int = 1024):
+        self.device = resolve_device(device)
+        self.token_budget = token_budget
+        self.logprob_chunk = logprob_chunk
+        self.bases: dict[str, BaseModel] = {}
+        self.adapters: dict[str, Adapter] = {}
+        self._next_slot = 0
+
+    # ------------------------------------------------------------------ models
+
+    def load_model(self, name: str) -> BaseModel:
+        if name not in self.bases:
+            self.bases[name] = load_base_model(name, self.device)
+        return self.bases[name]
+
+    def tokenizer_files(self, name: str) -> dict[str, bytes]:
+        return tokenizer_files(self.load_model(name).tokenizer)
+
+    # ---------------------------------------------------------------- adapters
+
+    def create_adapter(self, adapter_id: str, base_name: str, config: AdapterConfig) -> Adapter:
+        if adapter_id in self.adapters:
+            raise EngineInputError(f"adapter {adapter_id!r} exists already")
+        if config.rank < 1:
+            raise EngineInputError(f"rank must be >= 1, got {config.rank}", "rank")
+        if not config.groups():
+            raise EngineInputError("at least one of train_attn, train_mlp, train_unembed must be on")
+        base = self.load_model(base_name)
+        generator = torch.Generator().manual_seed(int(config.seed))
+        pairs = {}
+        for name, layer in base.lora_layers.items():  # module order: deterministic draws
+            if layer.group in config.groups():
+                pairs[name] = init_lora_pair(
+                    layer.in_features, layer.out_features, config.rank, config.alpha,
+                    generator, self.device,
+                )
+        return self._register(adapter_id, base_name, config, pairs, trainable=True)
+
+    def _register(self, adapter_id, base_name, config, pairs, trainable) -> Adapter:
+        base = self.bases[base_name]
+        slot = self._next_slot
+        self._next_slot += 1
+        adapter = Adapter(adapter_id, base_name, config, slot, pairs, trainable)
+        if trainable:
+            adapter.optimizer = AdapterOptimizer(adapter.parameters())
+        for name, pair in pairs.items():
+            base.lora_layers[name].add_adapter(slot, pair)
+        self.adapters[adapter_id] = adapter
+        return adapter
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        adapter = self.adapters.pop(adapter_id)
+        for name in adapter.pairs:
+            self.bases[adapter.base].lora_layers[name].remove_adapter(adapter.slot)
+
+    def snapshot_adapter(self, adapter_id: str, snapshot_id: str) -> Adapter:
+        """An immutable copy of an adapter's current weights, for sampling."""
+        src = self.adapters[adapter_id]
+        pairs = {
+            name: LoRAPair(p.lora_A.detach().clone(), p.lora_B.detach().clone(), p.scaling)
+            for name, p in src.pairs.items()
+        }
+        return self._register(snapshot_id, src.base, src.config, pairs, trainable=False)
+
+    def adapter(self, adapter_id: str) -> Adapter:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise EngineInputError(f"unknown adapter {adapter_id!r}") from None
+
+    # --------------------------------------------------------------- validation
+
+    def validate(self, item: ForwardItem) -> None:
+        """Raise EngineInputError naming the datum and field; called before any compute."""
+        if item.loss_fn not in L.LOSSES:
+            raise EngineInputError(
+                f"unknown loss_fn {item.loss_fn!r}; choose one of {', '.join(L.LOSSES)}", "loss_fn"
+            )
+        unknown = set(item.loss_fn_config) - set(L.CONFIG_KEYS[item.loss_fn])
+        if unknown:
+            raise EngineInputError(
+                f"loss_fn_config keys {sorted(unknown)} are not used by {item.loss_fn} "
+                f"(it reads {list(L.CONFIG_KEYS[item.loss_fn]) or 'none'})", "loss_fn_config"
+            )
+        if item.loss_fn == "dro" and "beta" not in item.loss_fn_config:
+            raise EngineInputError("the dro loss needs loss_fn_config['beta']", "loss_fn_config")
+        base_name = self.adapter(item.adapter_id).base if item.adapter_id else None
+        base = self.bases[base_name] if base_name else None
+        if not item.data:
+            raise EngineInputError("data is empty", "data")
+        required = ("target_tokens", *L.REQUIRED_INPUTS[item.loss_fn])
+        for i, datum in enumerate(item.data):
+            n = len(datum.tokens)
+            if n == 0:
+                raise EngineInputError("model_input is empty", f"data[{i}].model_input")
+            if base is not None:
+                if n > base.max_length:
+                    raise EngineInputError(
+                        f"sequence of {n} tokens exceeds the model's context of {base.max_length}",
+                        f"data[{i}].model_input",
+                    )
+                bad = (datum.tokens < 0) | (datum.tokens >= base.vocab_size)
+                if bad.any():
+                    raise EngineInputError(
+                        f"token id {int(datum.tokens[bad][0])} is outside the vocabulary "
+                        f"[0, {base.vocab_size})", f"data[{i}].model_input",
+                    )
+            for name in required:
+                if name not in datum.inputs:
+                    raise EngineInputError(
+                        f"{item.loss_fn} needs loss_fn_inputs[{name!r}]", f"data[{i}].loss_fn_inputs"
+                    )
+            for name, array in datum.inputs.items():
+                where = f"data[{i}].loss_fn_inputs.{name}"
+                if array.shape != (n,):
+                    raise EngineInputError(
+                        f"{name} has shape {list(array.shape)}, expected [{n}] "
+                        f"(the model_input's length)", where,
+                    )
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise EngineInputError(f"{name} contains NaN or inf", where)
+            targets = datum.inputs["target_tokens"]
+            if base is not None and ((targets < 0) | (targets >= base.vocab_size)).any():
+                raise EngineInputError(
+                    f"target token outside the vocabulary [0, {base.vocab_size})",
+                    f"data[{i}].loss_fn_inputs.target_tokens",
+                )
+
+    # ---------------------------------------------------------------- training
+
+    def forward(self, items: list[ForwardItem], backward: bool) -> list[Any]:
+        """Run items (possibly of many adapters) in shared packed passes.
+
+        Returns, per item, a ForwardResult or the EngineInputError that rejected it; a
+        rejected item never reaches the model, so the others get exactly their own results.
+        """
+        results: list[Any] = [None] * len(items)
+        valid: list[int] = []
+        for k, item in enumerate(items):
+            try:
+                self.validate(item)
+                if backward and not self.adapter(item.adapter_id).trainable:
+                    raise EngineInputError(f"adapter {item.adapter_id!r} is not trainable")
+                valid.append(k)
+            except EngineInputError as exc:
+                results[k] = exc
+        by_base: dict[str, list[int]] = {}
+        for k in valid:
+            by_base.setdefault(self.adapters[items[k].adapter_id].base, []).append(k)
+        for base_name, ks in by_base.items():
+            outputs = self._packed_pass(self.bases[base_name], [items[k] for k in ks], backward)
+            for k, out in zip(ks, outputs):
+                results[k] = out
+        return results
+
+    def _packed_pass(self, base: BaseModel, items: list[ForwardItem], backward: bool) -> list[ForwardResult]:
+        seqs = []  # (item index, datum index, tokens, slot)
+        for k, item in enumerate(items):
+            slot = self.adapters[item.adapter_id].slot if item.adapter_id else None
+            for d, datum in enumerate(item.data):
+                seqs.append((k, d, datum.tokens, slot))
+        logprobs: list[list[Optional[np.ndarray]]] = [[None] * len(it.data) for it in items]
+        loss_sums = [0.0] * len(items)
+        plan = plan_micro_batches([len(s[2]) for s in seqs], [s[3] for s in seqs], self.token_budget)
+        for group in plan:
+            batch = build_micro_batch(
+                [seqs[i][2] for i in group], group, [seqs[i][3] for i in group],
+                base.dtype, base.device,
+            )
+            targets = torch.cat([
+                torch.as_tensor(items[seqs[i][0]].data[seqs[i][1]].inputs["target_tokens"])
+                for i in group
+            ]).to(base.device, torch.long)
+            with torch.set_grad_enabled(backward):
+                lp_T = self._target_logprobs(base, batch, targets)  # [T]
+                total = lp_T.new_zeros(())
+                for seq in batch.sequences:
+                    k, d = seqs[seq.key][0], seqs[seq.key][1]
+                    item = items[k]
+                    lp = lp_T[seq.start:seq.start + seq.length]
+                    inputs = {
+                        name: torch.as_tensor(a).to(base.device, torch.float32)
+                        for name, a in item.data[d].inputs.items() if name != "target_tokens"
+                    }
+                    loss = L.LOSSES[item.loss_fn](lp, inputs, item.loss_fn_config)
+                    total = total + loss
+                    loss_sums[k] += float(loss.detach())
+                    logprobs[k][d] = lp.detach().float().cpu().numpy()
+                if backward and total.requires_grad:
+                    total.backward()
+        return [
+            ForwardResult(logprobs=logprobs[k], metrics={"loss:sum": loss_sums[k]})
+            for k in range(len(items))
+        ]
+
+    def _target_logprobs(self, base: BaseModel, batch, targets: torch.Tensor) -> torch.Tensor:
+        decoder = base.model.get_decoder()
+        with LoRARouting(base.lora_layers, batch.spans):
+            hidden = decoder(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).last_hidden_state[0]  # [T, H]
+        head = base.model.get_output_embeddings()
+        return L.target_logprobs(head, hidden, targets, batch.spans, self.logprob_chunk)
+
+    def optim_step(self, adapter_id: str, adam: Mapping[str, float]) -> dict[str, float]:
+        adapter = self.adapter(adapter_id)
+        if not adapter.trainable or adapter.optimizer is None:
+            raise EngineInputError(f"adapter {adapter_id!r} is not trainable")
+        return adapter.optimizer.step(adam)
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(self, base_name: str, requests: list[SampleRequest]) -> list[list[SampleOutput]]:
+        base = self.load_model(base_name)
+        pad = base.tokenizer.pad_token_id
+        return generate(base, requests, pad_id=int(pad) if pad is not None else 0)
+
+    def prompt_logprobs(self, adapter_id: Optional[str], base_name: str, prompts: list[np.ndarray]) -> list[list[Optional[float]]]:
+        """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] for each prompt."""
+        base = self.load_model(base_name)
+        items, spots = [], []
+        for p, prompt in enumerate(prompts):
+            if len(prompt) >= 2:
+                tokens = np.asarray(prompt[:-1], dtype=np.int64)
+                targets = np.asarray(prompt[1:], dtype=np.int64)
+                weights = np.zeros(len(tokens), dtype=np.float32)
+                items.append(EngineDatum(tokens, {"target_tokens": targets, "weights": weights}))
+                spots.append(p)
+        out: list[list[Optional[float]]] = [[None] * min(len(p), 1) for p in prompts]
+        if items:
+            item = ForwardItem(adapter_id, items, "cross_entropy")
+            if adapter_id is None:
+                result = self._packed_pass(base, [item], backward=False)[0]
+            else:
+                result = self.forward([item], backward=False)[0]
+                if isinstance(result, Exception):
+                    raise result
+            for p, lp in zip(spots, result.logprobs):
+                out[p] = [None, *lp.astype(np.float64).tolist()]
+        return out
+
+    # ------------------------------------------------------------------- state
+
+    def export_adapter(self, adapter_id: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """(state dict with PEFT's saved key names, adapter_config.json contents)."""
+        adapter = self.adapter(adapter_id)
+        base = self.bases[adapter.base]
+        tensors = {}
+        for name, pair in adapter.pairs.items():
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = pair.lora_A.detach().float().cpu().contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = pair.lora_B.detach().float().cpu().contiguous()
+        config = adapter.config
+        targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.pairs})
+        peft_config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base.name,
+            "r": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+        return tensors, peft_config
+
+    def optimizer_state(self, adapter_id: str) -> Optional[dict]:
+        adapter = self.adapter(adapter_id)
+        return adapter.optimizer.state_dict() if adapter.optimizer else None
+
+    def import_adapter(
+        self,
+        adapter_id: str,
+        base_name: str,
+        config: AdapterConfig,
+        tensors: Mapping[str, torch.Tensor],
+        trainable: bool,
+        optimizer_state: Optional[dict] = None,
+    ) -> Adapter:
+        """Register an adapter from PEFT-format tensors (and optionally its optimizer state)."""
+        base = self.load_model(base_name)
+        pairs = {}
+        scaling = config.alpha / config.rank
+        for name, layer in base.lora_layers.items():
+            key_a = f"base_model.model.{name}.lora_A.weight"
+            if key_a not in tensors:
+                continue
+            a = tensors[key_a].to(self.device, torch.float32).clone()
+            b = tensors[f"base_model.model.{name}.lora_B.weight"].to(self.device, torch.float32).clone()
+            if a.shape != (config.rank, layer.in_features) or b.shape != (layer.out_features, config.rank):
+                raise EngineInputError(f"checkpoint tensor shapes for {name} do not match the model")
+            pairs[name] = LoRAPair(a.requires_grad_(trainable), b.requires_grad_(trainable), scaling)
+        if not pairs:
+            raise EngineInputError("the checkpoint holds no LoRA tensors for this base model")
+        adapter = self._register(adapter_id, base_name, config, pairs, trainable)
+        if optimizer_state is not None and adapter.optimizer is not None:
+            adapter.optimizer.load_state_dict(optimizer_state)
+        return adapter
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")

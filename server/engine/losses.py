@@ -1,0 +1,125 @@
+"""Tinker's loss functions, as sums over tokens (no mean), and chunked target logprobs.
+
+Every loss takes one datum's target logprobs `lp` [N] (with grad) and its loss_fn_inputs
+(tensors of length N) and returns a scalar. Prompt positions are masked by weight 0 or
+advantage 0. Formulas (reference/tinker-api.md):
+
+    cross_entropy        sum(-lp * w)                                  any real w, negative too
+    importance_sampling  -sum(exp(lp - q) * A)
+    ppo                  -sum(min(r * A, clip(r, lo, hi) * A)),         r = exp(lp - q)
+    cispo                -sum(stopgrad(clip(r, lo, hi)) * lp * A)
+    dro                  -sum(lp * A - 0.5 * beta * (lp - q)^2)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
+
+# What each loss needs besides target_tokens, and which config keys it reads.
+REQUIRED_INPUTS = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "cispo": ("logprobs", "advantages"),
+    "dro": ("logprobs", "advantages"),
+}
+CONFIG_KEYS = {
+    "cross_entropy": (),
+    "importance_sampling": (),
+    "ppo": ("clip_low_threshold", "clip_high_threshold"),
+    "cispo": ("clip_low_threshold", "clip_high_threshold"),
+    "dro": ("beta",),
+}
+DEFAULT_CLIP_LOW, DEFAULT_CLIP_HIGH = 0.8, 1.2
+
+
+def cross_entropy(lp, inputs, config):
+    return -(lp * inputs["weights"]).sum()
+
+
+def importance_sampling(lp, inputs, config):
+    ratio = torch.exp(lp - inputs["logprobs"])
+    return -(ratio * inputs["advantages"]).sum()
+
+
+def _clip_bounds(config) -> tuple[float, float]:
+    return (
+        float(config.get("clip_low_threshold", DEFAULT_CLIP_LOW)),
+        float(config.get("clip_high_threshold", DEFAULT_CLIP_HIGH)),
+    )
+
+
+def ppo(lp, inputs, config):
+    low, high = _clip_bounds(config)
+    adv = inputs["advantages"]
+    ratio = torch.exp(lp - inputs["logprobs"])
+    return -torch.minimum(ratio * adv, ratio.clamp(low, high) * adv).sum()
+
+
+def cispo(lp, inputs, config):
+    low, high = _clip_bounds(config)
+    ratio = torch.exp(lp - inputs["logprobs"]).clamp(low, high).detach()
+    return -(ratio * lp * inputs["advantages"]).sum()
+
+
+def dro(lp, inputs, config):
+    if "beta" not in config:
+        raise ValueError("the dro loss needs loss_fn_config['beta']")
+    beta = float(config["beta"])
+    q = inputs["logprobs"]
+    return -(lp * inputs["advantages"] - 0.5 * beta * (lp - q) ** 2).sum()
+
+
+LOSSES: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+}
+
+
+def _chunk_logprobs(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, spans
+) -> torch.Tensor:
+    logits = head.forward_spans(hidden, spans) if spans is not None else head(hidden)
+    logits = logits.float()  # [n, V]; log-softmax in fp32 also under bf16
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+def target_logprobs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    spans: Optional[list] = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """log p(targets[i] | position i) for hidden [T, H], without [T, V] logits at once.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory
+    holds one chunk's [chunk, V] logits, not the whole batch's. `spans` route tokens to LoRA
+    adapters of the head (offsets over the T tokens).
+    """
+    out = []
+    total = hidden.shape[0]
+    for start in range(0, total, chunk_tokens):
+        end = min(start + chunk_tokens, total)
+        chunk_spans = None
+        if spans is not None:
+            chunk_spans = [
+                (slot, max(s, start) - start, min(e, end) - start)
+                for slot, s, e in spans
+                if s < end and e > start
+            ]
+        args = (head, hidden[start:end], targets[start:end], chunk_spans)
+        if torch.is_grad_enabled():
+            out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(*args))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

@@ -1,0 +1,156 @@
+"""Batched multi-adapter sampling with a KV cache.
+
+All rows of all requests decode together; each row may use a different adapter (or none).
+Rows are grouped by adapter so LoRA routing is a few contiguous row spans. Prompts are
+left-padded; positions come from the attention mask so padding does not shift them.
+
+Logprobs returned for sampled tokens are those of the model's own distribution (temperature
+1, no top-k / top-p), the same quantity `forward` and `compute_logprobs` report, so
+importance ratios start at exactly 1 for an unchanged policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .lora import LoRARouting, spans_for_rows
+from .models import BaseModel
+
+
+@dataclass
+class SampleRequest:
+    slot: Optional[int]
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str  # "stop" | "length"
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [rows, V] outside top-k and the top-p nucleus with -inf."""
+    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep a token if the mass strictly before it is < top_p (the first token always stays)
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) -> list[list[SampleOutput]]:
+    if not requests:
+        return []
+    device = base.device
+    # One row per sample, grouped by adapter slot (stable within a slot).
+    rows = [(r_i, s_i) for r_i, req in enumerate(requests) for s_i in range(req.num_samples)]
+    rows.sort(key=lambda rs: (requests[rs[0]].slot is None, requests[rs[0]].slot or 0))
+    row_slots = [requests[r].slot for r, _ in rows]
+    n_rows = len(rows)
+    prompt_len = max(len(requests[r].prompt) for r, _ in rows)
+
+    input_ids = torch.full((n_rows, prompt_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((n_rows, prompt_len), dtype=torch.long)
+    for i, (r, _) in enumerate(rows):
+        prompt = requests[r].prompt
+        input_ids[i, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention[i, prompt_len - len(prompt):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+
+    generators = {}
+    for r_i, req in enumerate(requests):
+        g = torch.Generator(device=device)
+        g.manual_seed(int(req.seed))
+        generators[r_i] = g
+    # Rows of one request are contiguous after the stable sort; sample them as one block.
+    blocks: dict[int, list[int]] = {}
+    for i, (r, _) in enumerate(rows):
+        blocks.setdefault(r, []).append(i)
+
+    max_new = max(requests[r].max_tokens for r, _ in rows)
+    out_tokens: list[list[int]] = [[] for _ in rows]
+    out_logprobs: list[list[float]] = [[] for _ in rows]
+    stop_reason: list[Optional[str]] = [None] * n_rows
+    tokenizer = base.tokenizer
+
+    routing = LoRARouting(base.lora_layers, spans_for_rows(row_slots), per_row=True)
+    cache = None
+    step_ids = input_ids
+    for step in range(max_new):
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        with routing:
+            out = base.model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()  # [rows, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        next_tokens = torch.empty(n_rows, dtype=torch.long, device=device)
+        for r, idx in blocks.items():
+            req = requests[r]
+            idx_t = torch.tensor(idx, device=device)
+            block = logits[idx_t]
+            if req.temperature <= 0:
+                choice = block.argmax(-1)
+            else:
+                filtered = _filter_logits(block / req.temperature, req.top_k, req.top_p)
+                probs = torch.softmax(filtered, dim=-1)
+                choice = torch.multinomial(probs, 1, generator=generators[r])[:, 0]
+            next_tokens[idx_t] = choice
+        chosen_lp = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+        next_list = next_tokens.tolist()
+        for i, (r, _) in enumerate(rows):
+            if stop_reason[i] is not None:
+                continue
+            req = requests[r]
+            out_tokens[i].append(next_list[i])
+            out_logprobs[i].append(chosen_lp[i])
+            if next_list[i] in req.stop_token_ids:
+                stop_reason[i] = "stop"
+            elif req.stop_strings and _ends_with_stop(tokenizer, out_tokens[i], req.stop_strings):
+                stop_reason[i] = "stop"
+            elif len(out_tokens[i]) >= req.max_tokens:
+                stop_reason[i] = "length"
+        if all(reason is not None for reason in stop_reason):
+            break
+        step_ids = next_tokens[:, None]
+        attention = torch.cat([attention, attention.new_ones(n_rows, 1)], dim=1)
+
+    results: list[list[SampleOutput]] = [[None] * req.num_samples for req in requests]  # type: ignore[list-item]
+    for i, (r, s) in enumerate(rows):
+        results[r][s] = SampleOutput(out_tokens[i], out_logprobs[i], stop_reason[i] or "length")
+    return results
+
+
+def _ends_with_stop(tokenizer, tokens: list[int], stop_strings: list[str]) -> bool:
+    """True when the decoded continuation contains a stop string ending in its last token."""
+    # Decoding only a tail keeps this O(stop length) per step; 16 tokens cover any stop string
+    # that is not absurdly long relative to the vocabulary.
+    tail = tokenizer.decode(tokens[-16:], skip_special_tokens=False)
+    head = tokenizer.decode(tokens[-16:-1], skip_special_tokens=False) if len(tokens) > 1 else ""
+    return any(stop in tail and stop not in head for stop in stop_strings)

@@ -1,0 +1,192 @@
+"""Clock cycles: per-run queues -> a cycle plan -> the engine -> replies.
+
+Invariant of a cycle: for every run, the cycle takes the longest prefix of its queue whose
+phases never go backwards and which holds at most one optim_step. Phases are the order a
+cycle executes in:
+
+    0 admin        create_model, create_sampling_session, get_tokenizer (in arrival order)
+    1 train        forward / forward_backward of all runs, packed into shared passes
+    3 optim        the optim_steps of the runs that asked
+    4 sample       all sample / compute_logprobs of all samplers, batched together
+    5 checkpoint   save_state, save_weights_for_sampler, load_state
+
+So a forward_backward and an optim_step submitted back to back land in the same cycle, and a
+run's later requests wait for the next cycle. `Scheduler` only keeps books (queues -> plan);
+`CycleRunner` executes a plan against the engine and the store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from workbench.errors import QueueFullError, WorkbenchError
+
+PHASES = {
+    "create_model": 0, "create_sampling_session": 0, "get_tokenizer": 0,
+    "forward": 1, "forward_backward": 1,
+    "optim_step": 3,
+    "sample": 4, "compute_logprobs": 4,
+    "save_state": 5, "save_weights_for_sampler": 5, "load_state": 5,
+}
+
+
+@dataclass
+class Work:
+    """One accepted request waiting for its cycle."""
+
+    op: str
+    tenant: str
+    queue: str  # run id, sampler id, or "admin:<tenant>"
+    args: dict
+    done: Callable[[Any, Optional[BaseException]], None]  # called once, on the engine thread
+    tokens: int = 0
+    submitted: float = field(default_factory=time.time)
+
+    @property
+    def phase(self) -> int:
+        return PHASES[self.op]
+
+
+@dataclass
+class CyclePlan:
+    cycle: int
+    by_phase: dict[int, list[Work]]
+
+    def works(self) -> list[Work]:
+        return [w for phase in sorted(self.by_phase) for w in self.by_phase[phase]]
+
+
+class Scheduler:
+    """Thread-safe books: frontends submit, the engine thread takes cycle plans."""
+
+    def __init__(self, queue_limit: int = 256):
+        self.queue_limit = queue_limit
+        self._queues: dict[str, deque[Work]] = {}
+        self._per_tenant: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._cycle = 0
+
+    @property
+    def cycle(self) -> int:
+        return self._cycle
+
+    def submit(self, work: Work) -> None:
+        with self._cond:
+            pending = self._per_tenant.get(work.tenant, 0)
+            if pending >= self.queue_limit:
+                raise QueueFullError(
+                    f"tenant {work.tenant!r} has {pending} requests queued (limit "
+                    f"{self.queue_limit}); wait for earlier results before submitting more"
+                )
+            self._queues.setdefault(work.queue, deque()).append(work)
+            self._per_tenant[work.tenant] = pending + 1
+            self._cond.notify_all()
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def wait_for_work(self, timeout: Optional[float]) -> bool:
+        with self._cond:
+            if not any(self._queues.values()):
+                self._cond.wait(timeout)
+            return any(self._queues.values())
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def next_plan(self) -> CyclePlan:
+        """Take this cycle's work from every queue (see the module docstring)."""
+        with self._cond:
+            self._cycle += 1
+            by_phase: dict[int, list[Work]] = {}
+            for name in list(self._queues):
+                for work in _take_prefix(self._queues[name]):
+                    by_phase.setdefault(work.phase, []).append(work)
+                    self._per_tenant[work.tenant] -= 1
+                if not self._queues[name]:
+                    del self._queues[name]
+            return CyclePlan(self._cycle, by_phase)
+
+
+def _take_prefix(queue: deque[Work]) -> list[Work]:
+    taken: list[Work] = []
+    phase = -1
+    optim_steps = 0
+    while queue:
+        work = queue[0]
+        if work.phase < phase or (work.op == "optim_step" and optim_steps):
+            break
+        if work.phase == 0 and taken:  # admin work runs alone, in arrival order
+            break
+        optim_steps += work.op == "optim_step"
+        phase = work.phase
+        taken.append(queue.popleft())
+        if work.phase == 0:
+            break
+    return taken
+
+
+def finish(work: Work, result: Any = None, error: Optional[BaseException] = None) -> None:
+    try:
+        work.done(result, error)
+    except Exception:  # a broken reply path must not take the engine thread down
+        import traceback
+
+        traceback.print_exc()
+
+
+def run_loop(
+    scheduler: Scheduler,
+    execute: Callable[[CyclePlan], dict],
+    stop: threading.Event,
+    cycle_ms: int = 0,
+    on_cycle: Optional[Callable[[dict], None]] = None,
+) -> None:
+    """The engine thread: wait for work (or the clock), run a cycle, publish its figures."""
+    period = cycle_ms / 1000.0
+    next_tick = time.monotonic()
+    while not stop.is_set():
+        if period > 0:
+            next_tick += period
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+            else:
+                next_tick = time.monotonic()
+            if not scheduler.wait_for_work(0):
+                continue
+        elif not scheduler.wait_for_work(0.25):
+            continue
+        plan = scheduler.next_plan()
+        if not plan.by_phase:
+            continue
+        started = time.time()
+        figures = execute(plan)
+        event = {
+            "cycle": plan.cycle,
+            "start": started,
+            "seconds": time.time() - started,
+            "tenants": len({w.tenant for w in plan.works()}),
+            "queue_depth": scheduler.queue_depth(),
+            **figures,
+        }
+        if on_cycle is not None:
+            on_cycle(event)
+
+
+def as_error(exc: BaseException) -> WorkbenchError:
+    from workbench.errors import InvalidRequestError, ServerError
+
+    from .engine.engine import EngineInputError
+
+    if isinstance(exc, WorkbenchError):
+        return exc
+    if isinstance(exc, EngineInputError):
+        return InvalidRequestError(exc.message, exc.where)
+    return ServerError(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,155 @@
+"""The client's connection: one background I/O thread owns the ZeroMQ DEALER socket.
+
+Callers on any thread (scripts, asyncio code, a Jupyter kernel) put requests on a queue and
+get an APIFuture back at once; the I/O thread sends them in submission order and resolves
+futures as replies arrive. Submission order per connection is preserved end to end: one
+queue, one socket, and the server queues each run's requests in arrival order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import uuid
+from typing import Any, Optional
+
+import zmq
+
+from . import wire
+from .errors import ConnectionFailedError, ProtocolError, error_from_wire
+from .futures import APIFuture
+
+CLIENT_VERSION = "0.1.0"
+_ids = itertools.count()
+
+
+def how_to_start_a_server(url: str) -> str:
+    return (
+        f"could not reach a workbench server at {url}. Start one with "
+        "`workbench-server --api-key KEY` (then pass base_url= and api_key=, or set "
+        "WORKBENCH_URL and WORKBENCH_API_KEY), or create ServiceClient() with no URL to run "
+        "an embedded local server"
+    )
+
+
+class Connection:
+    def __init__(self, url: str, api_key: str, connect_timeout: float = 60.0):
+        self.url = url
+        self.api_key = api_key
+        self._ctx = zmq.Context()
+        self._queue: "queue.Queue[Optional[tuple[str, list, APIFuture]]]" = queue.Queue()
+        self._pending: dict[str, APIFuture] = {}
+        self._wake_addr = f"inproc://wb-client-{uuid.uuid4().hex}"
+        self._wake_pull = self._ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._wake_push = self._ctx.socket(zmq.PUSH)
+        self._wake_push.connect(self._wake_addr)
+        self._closed = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._loop, name="workbench-io", daemon=True)
+        self._thread.start()
+        try:
+            self.hello = self.call("hello", {"client": CLIENT_VERSION}).result(connect_timeout)
+        except TimeoutError:
+            self.close()
+            raise ConnectionFailedError(how_to_start_a_server(url)) from None
+        except Exception:
+            self.close()
+            raise
+        if self.hello.get("protocol") != wire.PROTOCOL_VERSION:
+            self.close()
+            raise ProtocolError(
+                f"server at {url} speaks protocol {self.hello.get('protocol')}, this client "
+                f"speaks {wire.PROTOCOL_VERSION}; install matching tinker-workbench versions"
+            )
+
+    # ---------------------------------------------------------------- calls
+
+    def call(self, op: str, args: dict) -> APIFuture:
+        """Send a request; the future resolves with the raw result (or raises its error)."""
+        if self._closed:
+            raise ConnectionFailedError(f"the connection to {self.url} is closed")
+        future: APIFuture = APIFuture()
+        request_id = f"{uuid.uuid4().hex[:12]}-{next(_ids)}"
+        try:
+            frames = wire.encode(wire.request(request_id, op, self.api_key, args))
+        except Exception as exc:
+            future._set_exception(exc)
+            return future
+        self._queue.put((request_id, frames, future))
+        with self._wake_lock:
+            self._wake_push.send(b"")
+        return future
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        with self._wake_lock:
+            self._wake_push.send(b"")
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self._wake_push.close(0)
+        self._ctx.term() if not self._thread.is_alive() else None
+
+    # ---------------------------------------------------------- the I/O thread
+
+    def _loop(self) -> None:
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.url)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
+        running = True
+        while running:
+            ready = dict(poller.poll())
+            if self._wake_pull in ready:
+                while True:
+                    try:
+                        self._wake_pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        running = False
+                        break
+                    request_id, frames, future = item
+                    self._pending[request_id] = future
+                    dealer.send_multipart(frames, copy=False)
+            if dealer in ready:
+                while True:
+                    try:
+                        frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_reply(frames)
+        for future in self._pending.values():
+            future._set_exception(ConnectionFailedError(f"connection to {self.url} closed"))
+        self._pending.clear()
+        dealer.close(0)
+        self._wake_pull.close(0)
+
+    def _on_reply(self, frames: list) -> None:
+        try:
+            reply = wire.decode(frames)
+        except wire.WireError:
+            return  # a corrupted reply cannot be matched to a request; its caller times out
+        future = self._pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+        if future is None:
+            return
+        if reply.get("ok"):
+            future._set_result(reply.get("result"))
+        else:
+            future._set_exception(error_from_wire(reply.get("error") or {}))
+
+    def __getstate__(self) -> Any:
+        raise TypeError("a Connection cannot be pickled; pickle the SamplingClient instead")

@@ -1,0 +1,91 @@
+"""The embedded local server: what `ServiceClient()` starts when no URL is given.
+
+A `workbench-server` subprocess on loopback with a random free port and a random key,
+device auto. It lives in its own process group and is stopped when this process exits:
+by atexit on a normal exit or Ctrl-C, and by the server itself (it watches our pid) if we
+die without running atexit (a crash, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+READY_PREFIX = "workbench-server ready url="
+
+
+class LocalServer:
+    def __init__(self, models: str = "", device: str = "auto", startup_timeout: float = 180.0,
+                 store: Optional[str] = None):
+        self.api_key = "local-" + secrets.token_hex(16)
+        cmd = [
+            sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
+            "--device", device, "--exit-with-parent", str(os.getpid()),
+        ]
+        if models:
+            cmd += ["--models", models]
+        if store:
+            cmd += ["--store", store]
+        env = {**os.environ, "WORKBENCH_API_KEY": self.api_key}
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True,
+            start_new_session=True,  # its own process group: Ctrl-C in a notebook spares it
+        )
+        atexit.register(self.stop)
+        self.url = self._wait_ready(startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> str:
+        found: list[str] = []
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                if line.startswith(READY_PREFIX):
+                    found.append(line[len(READY_PREFIX):].strip())
+                    break
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            code = self.process.poll()
+            self.stop()
+            why = f"exited with code {code}" if code is not None else f"was not ready within {timeout:.0f} s"
+            raise RuntimeError(f"the embedded workbench server {why}; its log is above on stderr")
+        return found[0]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+_shared: Optional[LocalServer] = None
+_shared_lock = threading.Lock()
+
+
+def shared_local_server() -> LocalServer:
+    """One embedded server per client process, started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.process.poll() is not None:
+            _shared = LocalServer(models=os.environ.get("WORKBENCH_LOCAL_MODELS", ""))
+        return _shared

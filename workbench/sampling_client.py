@@ -1,0 +1,95 @@
+"""SamplingClient: sample from, and score with, one fixed set of weights."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from . import types, wire
+from .futures import APIFuture, map_future
+
+
+class SamplingClient:
+    """Samples from a sampler session on the server (a weight snapshot or the base model).
+
+    Pickles to (URL, key, sampler id) only, so rollouts can run in worker processes; the
+    copy opens its own connection there.
+    """
+
+    def __init__(self, connection, sampler_id: str, base_model: str, model_path: Optional[str] = None):
+        self._connection = connection
+        self.sampler_id = sampler_id
+        self.base_model = base_model
+        self.model_path = model_path
+        self._listeners: list = []
+
+    def sample(
+        self,
+        prompt: types.ModelInput,
+        num_samples: int,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[types.SampleResponse]:
+        if topk_prompt_logprobs:
+            raise NotImplementedError("topk_prompt_logprobs is not supported by this server yet")
+        if isinstance(sampling_params, dict):
+            sampling_params = types.SamplingParams(**sampling_params)
+        args = {
+            "sampler_id": self.sampler_id,
+            "prompt": np.asarray(_ints(prompt), dtype=np.int32),
+            "num_samples": int(num_samples),
+            "sampling_params": sampling_params.model_dump(),
+            "include_prompt_logprobs": bool(include_prompt_logprobs),
+        }
+        future = map_future(self._connection.call("sample", args), wire.sample_response_from_wire)
+        if self._listeners:
+            future.add_done_callback(self._notify)
+        return future
+
+    def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[Optional[float]]]:
+        """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] under this sampler's weights."""
+        args = {"sampler_id": self.sampler_id, "prompt": np.asarray(_ints(prompt), dtype=np.int32)}
+        return map_future(self._connection.call("compute_logprobs", args), lambda r: list(r["logprobs"]))
+
+    async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[types.SampleResponse]:
+        return self.sample(*args, **kwargs)
+
+    async def compute_logprobs_async(self, prompt: types.ModelInput) -> APIFuture[list[Optional[float]]]:
+        return self.compute_logprobs(prompt)
+
+    def get_tokenizer(self) -> Any:
+        from .tokenizer_cache import get_tokenizer
+
+        return get_tokenizer(self._connection, self.base_model)
+
+    def add_listener(self, fn) -> None:
+        """fn(response: SampleResponse) is called (on the I/O thread) for every result."""
+        self._listeners.append(fn)
+
+    def _notify(self, future: APIFuture) -> None:
+        if future.exception() is None:
+            for fn in list(self._listeners):
+                fn(future.result())
+
+    def __reduce__(self):
+        return (_restore, (self._connection.url, self._connection.api_key, self.sampler_id,
+                           self.base_model, self.model_path))
+
+    def __repr__(self) -> str:
+        return f"SamplingClient({self.model_path or self.base_model!r}, sampler_id={self.sampler_id!r})"
+
+
+def _ints(prompt: Any) -> Sequence[int]:
+    if isinstance(prompt, types.ModelInput):
+        return prompt.to_ints()
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        return [int(t) for t in prompt]
+    raise TypeError(f"prompt must be a types.ModelInput, got {type(prompt).__name__}")
+
+
+def _restore(url: str, api_key: str, sampler_id: str, base_model: str, model_path: Optional[str]):
+    from .service_client import connection_for
+
+    return SamplingClient(connection_for(url, api_key), sampler_id, base_model, model_path)

@@ -1,0 +1,131 @@
+"""ServiceClient: the entry point. Connects to a server, or starts an embedded one."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Optional
+
+from . import types
+from .connection import Connection
+from .sampling_client import SamplingClient
+from .training_client import TrainingClient
+
+_connections: dict[tuple[str, str, int], Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def connection_for(url: str, api_key: str) -> Connection:
+    """One shared connection per (url, key) per process (re-made after a fork)."""
+    key = (url, api_key, os.getpid())
+    with _connections_lock:
+        conn = _connections.get(key)
+        if conn is None or conn._closed:
+            conn = Connection(url, api_key)
+            _connections[key] = conn
+        return conn
+
+
+class ServiceClient:
+    """`ServiceClient(base_url=None, api_key=None)`.
+
+    The URL comes from `base_url` or WORKBENCH_URL; the key from `api_key` or
+    WORKBENCH_API_KEY. With no URL at all, an embedded local server is started (loopback,
+    random port and key, CUDA when present, built-in tiny models) and stopped at exit.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, **_: Any):
+        url = base_url or os.environ.get("WORKBENCH_URL")
+        self.local_server = None
+        if not url:
+            from .local import shared_local_server
+
+            self.local_server = shared_local_server()
+            url, api_key = self.local_server.url, self.local_server.api_key
+        key = api_key or os.environ.get("WORKBENCH_API_KEY")
+        if not key:
+            raise ValueError(
+                f"no API key for {url}: pass api_key= or set WORKBENCH_API_KEY to the key the "
+                "server was started with"
+            )
+        self.base_url = url
+        self._connection = connection_for(url, key)
+
+    # -------------------------------------------------------------- creation
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: Optional[int] = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        user_metadata: Optional[dict[str, str]] = None,
+    ) -> TrainingClient:
+        args = {
+            "base_model": base_model, "rank": int(rank), "seed": seed,
+            "train_mlp": train_mlp, "train_attn": train_attn, "train_unembed": train_unembed,
+            "user_metadata": user_metadata,
+        }
+        reply = self._connection.call("create_model", args).result()
+        return TrainingClient(self, reply["model_id"], base_model, int(rank), reply.get("arch", ""))
+
+    def create_training_client_from_state(self, path: str) -> TrainingClient:
+        """A new run initialised with a checkpoint's weights (fresh optimizer)."""
+        return self._from_state(path, optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> TrainingClient:
+        """A new run initialised with a checkpoint's weights and Adam state."""
+        return self._from_state(path, optimizer=True)
+
+    def _from_state(self, path: str, optimizer: bool) -> TrainingClient:
+        reply = self._connection.call("create_model", {"base_model": "", "from_state": path,
+                                                        "optimizer": optimizer}).result()
+        return TrainingClient(self, reply["model_id"], reply["base_model"], int(reply["rank"]),
+                              reply.get("arch", ""))
+
+    def create_sampling_client(
+        self, model_path: Optional[str] = None, base_model: Optional[str] = None
+    ) -> SamplingClient:
+        if not model_path and not base_model:
+            raise ValueError("create_sampling_client needs model_path or base_model")
+        reply = self._connection.call(
+            "create_sampling_session", {"model_path": model_path, "base_model": base_model}
+        ).result()
+        return SamplingClient(self._connection, reply["sampler_id"], reply["base_model"], model_path)
+
+    def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
+        reply = self._connection.call("get_server_capabilities", {}).result()
+        return types.GetServerCapabilitiesResponse.model_validate(reply)
+
+    # --------------------------------------------------------- async variants
+
+    async def create_lora_training_client_async(self, *args: Any, **kwargs: Any) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_lora_training_client, *args, **kwargs)
+
+    async def create_sampling_client_async(self, *args: Any, **kwargs: Any) -> SamplingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_sampling_client, *args, **kwargs)
+
+    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_training_client_from_state, path)
+
+    async def create_training_client_from_state_with_optimizer_async(self, path: str) -> TrainingClient:
+        import asyncio
+
+        return await asyncio.to_thread(self.create_training_client_from_state_with_optimizer, path)
+
+    async def get_server_capabilities_async(self) -> types.GetServerCapabilitiesResponse:
+        import asyncio
+
+        return await asyncio.to_thread(self.get_server_capabilities)
+
+    def __repr__(self) -> str:
+        where = "embedded" if self.local_server else "remote"
+        return f"ServiceClient({self.base_url!r}, {where})"

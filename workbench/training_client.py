@@ -1,0 +1,217 @@
+"""TrainingClient: one LoRA training run on the server.
+
+Every call returns an APIFuture at once. Submit forward_backward and optim_step back to back
+before waiting: the server then runs both in the same clock cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import types, wire
+from .futures import APIFuture, map_future
+
+Listener = Callable[[int, str, dict], None]
+
+
+class TrainingClient:
+    def __init__(self, service, model_id: str, base_model: str, lora_rank: int, arch: str = ""):
+        self._service = service
+        self._connection = service._connection
+        self.model_id = model_id
+        self.base_model = base_model
+        self.lora_rank = lora_rank
+        self.arch = arch
+        self._listeners: list[Listener] = []
+        self._optim_steps = 0
+
+    # ------------------------------------------------------------ training
+
+    def forward_backward(
+        self, data: Sequence[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Optional[dict] = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        return self._forward("forward_backward", data, loss_fn, loss_fn_config)
+
+    def forward(
+        self, data: Sequence[types.Datum], loss_fn: types.LossFnType, loss_fn_config: Optional[dict] = None
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Like forward_backward, without gradients."""
+        return self._forward("forward", data, loss_fn, loss_fn_config)
+
+    def _forward(self, op, data, loss_fn, loss_fn_config) -> APIFuture[types.ForwardBackwardOutput]:
+        data = [d if isinstance(d, types.Datum) else types.Datum.model_validate(d) for d in data]
+        args = {
+            "model_id": self.model_id,
+            "data": [wire.datum_to_wire(d) for d in data],
+            "loss_fn": loss_fn,
+            "loss_fn_config": dict(loss_fn_config or {}),
+        }
+        future = map_future(self._connection.call(op, args), wire.forward_output_from_wire)
+        self._watch(future, op, lambda out: out.metrics)
+        return future
+
+    def forward_backward_custom(
+        self, data: Sequence[types.Datum], loss_fn: Callable[[list, list], tuple[Any, dict]]
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """forward_backward with a loss computed on the client in torch.
+
+        `loss_fn(data, logprobs_list) -> (loss, metrics)`. Mechanics (as in Tinker): a forward
+        pass returns each datum's target logprobs; the client computes the loss and
+        d loss / d logprobs; a cross_entropy forward_backward with weights = -grad then yields
+        exactly the custom loss's gradient. This call waits for the forward pass before it
+        returns, so later calls (optim_step) stay behind the backward pass in order.
+        """
+        import torch
+
+        data = list(data)
+        forward_out = self.forward(data, "cross_entropy", None).result()
+        logprobs = [
+            torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32, requires_grad=True)
+            for out in forward_out.loss_fn_outputs
+        ]
+        loss, metrics = loss_fn(data, logprobs)
+        grads = torch.autograd.grad(loss, logprobs, allow_unused=True)
+        linear = []
+        for datum, lp, grad in zip(data, logprobs, grads):
+            weights = -(grad if grad is not None else torch.zeros_like(lp))
+            linear.append(types.Datum(
+                model_input=datum.model_input,
+                loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"],
+                                "weights": weights.detach().numpy()},
+            ))
+        custom_metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+        return map_future(
+            self.forward_backward(linear, "cross_entropy"),
+            lambda out: types.ForwardBackwardOutput(
+                loss_fn_output_type=out.loss_fn_output_type,
+                loss_fn_outputs=out.loss_fn_outputs,
+                metrics=custom_metrics,
+            ),
+        )
+
+    def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
+        if isinstance(adam_params, dict):
+            adam_params = types.AdamParams(**adam_params)
+        args = {"model_id": self.model_id, "adam_params": adam_params.model_dump()}
+        future = map_future(self._connection.call("optim_step", args),
+                            lambda r: types.OptimStepResponse(metrics=r.get("metrics")))
+        self._watch(future, "optim_step", lambda out: out.metrics or {})
+        return future
+
+    # ---------------------------------------------------------- checkpoints
+
+    def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
+        """Weights + optimizer state, at wb://<run_id>/weights/<name>."""
+        return map_future(self._connection.call("save_state", {"model_id": self.model_id, "name": name}),
+                          lambda r: types.SaveWeightsResponse(path=r["path"]))
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[types.SaveWeightsForSamplerResponse]:
+        """Weights only (immutable), at wb://<run_id>/sampler_weights/<name>."""
+        args = {"model_id": self.model_id, "name": name}
+        return map_future(self._connection.call("save_weights_for_sampler", args),
+                          lambda r: types.SaveWeightsForSamplerResponse(path=r["path"]))
+
+    def save_weights_and_get_sampling_client(self, name: Optional[str] = None):
+        """Snapshot the current weights and return a SamplingClient on that snapshot."""
+        args = {"model_id": self.model_id, "name": name}
+        path = self._connection.call("save_weights_for_sampler", args).result()["path"]
+        return self._service.create_sampling_client(model_path=path)
+
+    def load_state(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        """Load weights from a checkpoint (the optimizer state is reset)."""
+        return self._load(path, optimizer=False)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[types.LoadWeightsResponse]:
+        return self._load(path, optimizer=True)
+
+    def _load(self, path: str, optimizer: bool) -> APIFuture[types.LoadWeightsResponse]:
+        args = {"model_id": self.model_id, "path": path, "optimizer": optimizer}
+        return map_future(self._connection.call("load_state", args),
+                          lambda r: types.LoadWeightsResponse(path=r["path"]))
+
+    # ---------------------------------------------------------------- info
+
+    def get_info(self) -> types.GetInfoResponse:
+        return types.GetInfoResponse(
+            model_id=self.model_id,
+            model_data=types.ModelData(arch=self.arch, model_name=self.base_model,
+                                       tokenizer_id=self.base_model),
+            model_name=self.base_model,
+            is_lora=True,
+            lora_rank=self.lora_rank,
+        )
+
+    def get_tokenizer(self) -> Any:
+        from .tokenizer_cache import get_tokenizer
+
+        return get_tokenizer(self._connection, self.base_model)
+
+    def create_sampling_client(self, model_path: str):
+        return self._service.create_sampling_client(model_path=model_path)
+
+    # ------------------------------------------------------------ listeners
+
+    def add_listener(self, fn: Listener) -> None:
+        """fn(step, kind, metrics) for every result as it arrives (on the I/O thread).
+
+        `step` counts optim_steps completed so far; kind is forward, forward_backward or
+        optim_step. The notebook layer draws live views from this.
+        """
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        self._listeners.remove(fn)
+
+    def _watch(self, future: APIFuture, kind: str, metrics_of) -> None:
+        def notify(f: APIFuture) -> None:
+            if f.exception() is not None:
+                return
+            if kind == "optim_step":
+                self._optim_steps += 1
+            for fn in list(self._listeners):
+                try:
+                    fn(self._optim_steps, kind, dict(metrics_of(f.result())))
+                except Exception:  # a broken listener must not break the I/O thread
+                    import traceback
+
+                    traceback.print_exc()
+
+        future.add_done_callback(notify)
+
+    # ------------------------------------------------------- async variants
+
+    async def forward_backward_async(self, data, loss_fn, loss_fn_config=None):
+        return self.forward_backward(data, loss_fn, loss_fn_config)
+
+    async def forward_async(self, data, loss_fn, loss_fn_config=None):
+        return self.forward(data, loss_fn, loss_fn_config)
+
+    async def forward_backward_custom_async(self, data, loss_fn):
+        import asyncio
+
+        return await asyncio.to_thread(self.forward_backward_custom, data, loss_fn)
+
+    async def optim_step_async(self, adam_params):
+        return self.optim_step(adam_params)
+
+    async def save_state_async(self, name):
+        return self.save_state(name)
+
+    async def save_weights_for_sampler_async(self, name):
+        return self.save_weights_for_sampler(name)
+
+    async def load_state_async(self, path):
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path):
+        return self.load_state_with_optimizer(path)
+
+    async def save_weights_and_get_sampling_client_async(self, name=None):
+        import asyncio
+
+        return await asyncio.to_thread(self.save_weights_and_get_sampling_client, name)
+
+    def __repr__(self) -> str:
+        return f"TrainingClient(model_id={self.model_id!r}, base_model={self.base_model!r}, rank={self.lora_rank})"
