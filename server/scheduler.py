@@ -69,6 +69,7 @@ class Scheduler:
         self._per_tenant: dict[str, int] = {}
         self._cond = threading.Condition()
         self._cycle = 0
+        self._last_submit: dict[str, float] = {}
 
     @property
     def cycle(self) -> int:
@@ -84,6 +85,7 @@ class Scheduler:
                 )
             self._queues.setdefault(work.queue, deque()).append(work)
             self._per_tenant[work.tenant] = pending + 1
+            self._last_submit[work.queue] = time.monotonic()
             self._cond.notify_all()
 
     def queue_depth(self) -> int:
@@ -95,6 +97,17 @@ class Scheduler:
             if not any(self._queues.values()):
                 self._cond.wait(timeout)
             return any(self._queues.values())
+
+    def expecting_more(self, window: float) -> bool:
+        """True while some run's queue ends in a forward/forward_backward submitted within
+        `window` seconds: its optim_step is most likely on the wire right now, and should
+        land in the same cycle."""
+        now = time.monotonic()
+        with self._cond:
+            return any(
+                q and q[-1].op == "forward_backward" and now - self._last_submit.get(name, 0.0) < window
+                for name, q in self._queues.items()
+            )
 
     def wake(self) -> None:
         with self._cond:
@@ -111,6 +124,7 @@ class Scheduler:
                     self._per_tenant[work.tenant] -= 1
                 if not self._queues[name]:
                     del self._queues[name]
+                    self._last_submit.pop(name, None)
             return CyclePlan(self._cycle, by_phase)
 
 
@@ -147,8 +161,15 @@ def run_loop(
     stop: threading.Event,
     cycle_ms: int = 0,
     on_cycle: Optional[Callable[[dict], None]] = None,
+    gather_ms: float = 20.0,
+    max_gather_ms: float = 200.0,
 ) -> None:
-    """The engine thread: wait for work (or the clock), run a cycle, publish its figures."""
+    """The engine thread: wait for work (or the clock), run a cycle, publish its figures.
+
+    With cycle_ms 0 a cycle starts as soon as work is queued, except that it waits (up to
+    max_gather_ms) while a run's queue ends in a forward_backward that arrived less than
+    gather_ms ago, so that the optim_step a client sends right behind it joins the cycle.
+    """
     period = cycle_ms / 1000.0
     next_tick = time.monotonic()
     while not stop.is_set():
@@ -163,6 +184,10 @@ def run_loop(
                 continue
         elif not scheduler.wait_for_work(0.25):
             continue
+        else:
+            deadline = time.monotonic() + max_gather_ms / 1000.0
+            while time.monotonic() < deadline and scheduler.expecting_more(gather_ms / 1000.0):
+                stop.wait(gather_ms / 4000.0)
         plan = scheduler.next_plan()
         if not plan.by_phase:
             continue

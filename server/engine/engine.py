@@ -193,7 +193,7 @@ class Engine:
             for name in required:
                 if name not in datum.inputs:
                     raise EngineInputError(
-                        f"{item.loss_fn} needs loss_fn_inputs[{name!r}]", f"data[{i}].loss_fn_inputs"
+                        f"{item.loss_fn} needs loss_fn_inputs[{name!r}]", f"data[{i}].loss_fn_inputs.{name}"
                     )
             for name, array in datum.inputs.items():
                 where = f"data[{i}].loss_fn_inputs.{name}"
