@@ -174,3 +174,27 @@ def test_errors_are_clear(server, service):
     assert "tcp://127.0.0.1:9" in str(info.value) and "workbench-server" in str(info.value)
     with pytest.raises(wb.NotFoundError):
         service.create_sampling_client(model_path="wb://run-000000000000/sampler_weights/x")
+
+
+def test_malformed_messages_get_error_replies_and_server_lives_on(server):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.url)
+    cases = [
+        [b"\xc1garbage"],                                               # not msgpack
+        wire.encode({"v": 999, "id": "x1", "op": "hello", "key": server.api_key, "args": {}}),
+        wire.encode({"v": wire.PROTOCOL_VERSION, "id": "x2", "op": "no_such_op",
+                     "key": server.api_key, "args": {}}),
+        wire.encode({"v": wire.PROTOCOL_VERSION, "id": "x3", "op": "hello", "key": "bad", "args": {}}),
+    ]
+    expected = ["ProtocolError", "ProtocolError", "InvalidRequestError", "AuthenticationError"]
+    for frames, kind in zip(cases, expected):
+        sock.send_multipart(frames)
+        assert sock.poll(10000), "no reply"
+        reply = wire.decode(sock.recv_multipart())
+        assert reply["ok"] is False and reply["error"]["type"] == kind, reply
+    sock.send_multipart(wire.encode(wire.request("x4", "hello", server.api_key, {})))
+    assert sock.poll(10000)
+    assert wire.decode(sock.recv_multipart())["ok"] is True
+    sock.close(0)
