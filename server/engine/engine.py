@@ -155,8 +155,11 @@ class Engine:
 
     # --------------------------------------------------------------- validation
 
-    def validate(self, item: ForwardItem) -> None:
-        """Raise EngineInputError naming the datum and field; called before any compute."""
+    def validate(self, item: ForwardItem, base_name: Optional[str] = None) -> None:
+        """Raise EngineInputError naming the datum and field; called before any compute.
+
+        `base_name` is the base model of an item without an adapter (adapter_id None).
+        """
         if item.loss_fn not in L.LOSSES:
             raise EngineInputError(
                 f"unknown loss_fn {item.loss_fn!r}; choose one of {', '.join(L.LOSSES)}", "loss_fn"
@@ -169,7 +172,7 @@ class Engine:
             )
         if item.loss_fn == "dro" and "beta" not in item.loss_fn_config:
             raise EngineInputError("the dro loss needs loss_fn_config['beta']", "loss_fn_config")
-        base_name = self.adapter(item.adapter_id).base if item.adapter_id else None
+        base_name = self.adapter(item.adapter_id).base if item.adapter_id else base_name
         base = self.bases[base_name] if base_name else None
         if not item.data:
             raise EngineInputError("data is empty", "data")
@@ -223,6 +226,8 @@ class Engine:
         valid: list[int] = []
         for k, item in enumerate(items):
             try:
+                if item.adapter_id is None:  # no base model to run it on
+                    raise EngineInputError("forward needs an adapter", "model_id")
                 self.validate(item)
                 if backward and not self.adapter(item.adapter_id).trainable:
                     raise EngineInputError(f"adapter {item.adapter_id!r} is not trainable")
@@ -318,6 +323,7 @@ class Engine:
         if items:
             item = ForwardItem(adapter_id, items, "cross_entropy")
             if adapter_id is None:
+                self.validate(item, base_name)
                 result = self._packed_pass(base, [item], backward=False)[0]
             else:
                 result = self.forward([item], backward=False)[0]
