@@ -69,7 +69,6 @@ class Scheduler:
         self._per_tenant: dict[str, int] = {}
         self._cond = threading.Condition()
         self._cycle = 0
-        self._last_submit: dict[str, float] = {}
 
     @property
     def cycle(self) -> int:
@@ -85,7 +84,6 @@ class Scheduler:
                 )
             self._queues.setdefault(work.queue, deque()).append(work)
             self._per_tenant[work.tenant] = pending + 1
-            self._last_submit[work.queue] = time.monotonic()
             self._cond.notify_all()
 
     def queue_depth(self) -> int:
@@ -99,14 +97,14 @@ class Scheduler:
             return any(self._queues.values())
 
     def expecting_more(self, window: float) -> bool:
-        """True while some run's queue ends in a forward/forward_backward submitted within
-        `window` seconds: its optim_step is most likely on the wire right now, and should
-        land in the same cycle."""
-        now = time.monotonic()
+        """True while some run's queue ends in a forward_backward submitted within `window`
+        seconds: its optim_step is most likely on the wire right now, and should land in the
+        same cycle."""
+        now = time.time()  # the clock of Work.submitted
         with self._cond:
             return any(
-                q and q[-1].op == "forward_backward" and now - self._last_submit.get(name, 0.0) < window
-                for name, q in self._queues.items()
+                q and q[-1].op == "forward_backward" and now - q[-1].submitted < window
+                for q in self._queues.values()
             )
 
     def wake(self) -> None:
@@ -124,7 +122,6 @@ class Scheduler:
                     self._per_tenant[work.tenant] -= 1
                 if not self._queues[name]:
                     del self._queues[name]
-                    self._last_submit.pop(name, None)
             return CyclePlan(self._cycle, by_phase)
 
 

@@ -16,24 +16,28 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 READY_PREFIX = "workbench-server ready url="
 
 
 class LocalServer:
     def __init__(self, models: str = "", device: str = "auto", startup_timeout: float = 180.0,
-                 store: Optional[str] = None):
-        self.api_key = "local-" + secrets.token_hex(16)
+                 store: Optional[str] = None, api_key: Optional[str] = None,
+                 extra_args: Sequence[str] = ()):
+        self.api_key = api_key or "local-" + secrets.token_hex(16)
+        self.store = store
         cmd = [
             sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
-            "--device", device, "--exit-with-parent", str(os.getpid()),
+            "--device", device, "--exit-with-parent", str(os.getpid()), *extra_args,
         ]
         if models:
             cmd += ["--models", models]
         if store:
             cmd += ["--store", store]
-        env = {**os.environ, "WORKBENCH_API_KEY": self.api_key}
+        # The key goes by environment, not argv, so other users cannot read it from `ps`.
+        env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_URL"}
+        env["WORKBENCH_API_KEY"] = self.api_key
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True,
             start_new_session=True,  # its own process group: Ctrl-C in a notebook spares it

@@ -31,9 +31,8 @@ def conversation(thing: str, color: str) -> list[dict]:
 
 def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
     """Tokens of the whole chat; weight 1 on the assistant's reply, 0 on the prompt."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=True)
-    prompt, full = list(_ids(prompt)), list(_ids(full))
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=False)
+    full = tokenizer.apply_chat_template(messages, return_dict=False)
     assert full[: len(prompt)] == prompt, "the chat template must extend the prompt"
     weights = [0.0] * len(prompt) + [1.0] * (len(full) - len(prompt))
     # Next-token alignment: input position i predicts token i + 1.
@@ -41,10 +40,6 @@ def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
         model_input=types.ModelInput.from_ints(full[:-1]),
         loss_fn_inputs={"target_tokens": full[1:], "weights": weights[1:]},
     )
-
-
-def _ids(encoded):
-    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sampler = training.save_weights_and_get_sampling_client("quickstart")
     question = [{"role": "user", "content": "What color is the sky?"}]
-    prompt = list(_ids(tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True)))
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
     result = sampler.sample(
         prompt=types.ModelInput.from_ints(prompt),
         num_samples=1,

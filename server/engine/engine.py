@@ -158,7 +158,8 @@ class Engine:
     def validate(self, item: ForwardItem, base_name: Optional[str] = None) -> None:
         """Raise EngineInputError naming the datum and field; called before any compute.
 
-        `base_name` is the base model of an item without an adapter (adapter_id None).
+        `base_name` is the base model of an item without an adapter (adapter_id None); an
+        item with an adapter is checked against that adapter's base.
         """
         if item.loss_fn not in L.LOSSES:
             raise EngineInputError(
@@ -322,13 +323,8 @@ class Engine:
         out: list[list[Optional[float]]] = [[None] * min(len(p), 1) for p in prompts]
         if items:
             item = ForwardItem(adapter_id, items, "cross_entropy")
-            if adapter_id is None:
-                self.validate(item, base_name)
-                result = self._packed_pass(base, [item], backward=False)[0]
-            else:
-                result = self.forward([item], backward=False)[0]
-                if isinstance(result, Exception):
-                    raise result
+            self.validate(item, base_name)
+            result = self._packed_pass(base, [item], backward=False)[0]
             for p, lp in zip(spots, result.logprobs):
                 out[p] = [None, *lp.astype(np.float64).tolist()]
         return out
