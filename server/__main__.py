@@ -2,6 +2,12 @@
 
 Prints exactly one line ``workbench-server ready url=<url>`` on stdout once it accepts
 requests; everything else goes to stderr.
+
+Stopping: on SIGTERM (or SIGINT) the server finishes the cycle under way, answers every
+request still queued with a "server is shutting down" error, then saves every live training
+run's state (weights + optimizer) as ``wb://<run_id>/weights/autosave-shutdown`` and exits 0.
+A later server on the same --store resumes from it with
+``create_training_client_from_state_with_optimizer``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+
+AUTOSAVE_NAME = "autosave-shutdown"  # wb://<run_id>/weights/autosave-shutdown
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="max tokens packed into one engine pass (micro-batch)")
     parser.add_argument("--queue-limit", type=int, default=256,
                         help="max queued requests per tenant before 'queue full' errors")
+    parser.add_argument("--cycle-tokens", type=int, default=65536,
+                        help="train tokens per cycle, split equally between the tenants that "
+                        "have work, so one flooding tenant cannot starve the others; 0 = no cap "
+                        "(default 65536)")
+    parser.add_argument("--session-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="park the runs of a session (client) silent for this long: state "
+                        "kept, adapters evicted from the accelerator until its next request "
+                        "(default 120)")
+    parser.add_argument("--max-message-mb", type=float, default=256.0,
+                        help="largest request accepted, in MiB; a larger one gets an error "
+                        "reply, one with a single frame over twice this is dropped (default 256)")
+    parser.add_argument("--max-rank", type=int, default=128,
+                        help="largest LoRA rank a run may ask for (default 128)")
     parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                         help=argparse.SUPPRESS)  # used by the embedded local server
     return parser
@@ -85,17 +107,141 @@ def _watch_parent(pid: int, stop) -> None:
             return
 
 
+def warn_if_exposed(host: str, args: argparse.Namespace) -> None:
+    """Loud warning when a non-loopback address is bound without an explicit key."""
+    if host in LOOPBACK_HOSTS or host.startswith("127.") or args.api_key or args.api_keys:
+        return
+    bar = "!" * 78
+    print(f"{bar}\nWARNING: workbench-server is listening on {host}, reachable from other "
+          f"machines,\nand no --api-key / --api-keys was given (the key comes from the "
+          f"environment).\nAnyone who learns the key can train and sample on this machine. "
+          f"Pass an explicit\n--api-key or --api-keys FILE, or bind --host 127.0.0.1.\n{bar}",
+          file=sys.stderr, flush=True)
+
+
+def autosave(runner, log) -> list[str]:
+    """Save every live training run's state into the store; returns the wb:// paths."""
+    paths = []
+    for run in list(runner.runs.values()):
+        try:
+            tensors, peft_config = runner.engine.export_adapter(run.run_id)
+            optimizer = runner.engine.optimizer_state(run.run_id)
+            paths.append(runner.store.save_checkpoint(
+                run.tenant, run.run_id, "weights", AUTOSAVE_NAME, tensors, peft_config, optimizer))
+        except Exception as exc:  # one run that cannot be saved must not lose the others
+            log(f"autosave of {run.run_id} failed: {type(exc).__name__}: {exc}")
+    return paths
+
+
+class Parking:
+    """Park/unpark requests from the I/O thread, applied on the engine thread at the start
+    of the next cycle (the engine is only ever touched by that thread)."""
+
+    def __init__(self, engine):
+        import queue
+
+        self.engine = engine
+        self.pending: "queue.Queue[tuple[str, list[str]]]" = queue.Queue()
+
+    def park(self, run_ids: list[str]) -> None:
+        self.pending.put(("park", run_ids))
+
+    def unpark(self, run_ids: list[str]) -> None:
+        self.pending.put(("unpark", run_ids))
+
+    def apply(self) -> None:
+        import queue
+
+        while True:
+            try:
+                action, run_ids = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            # The engine's park/unpark land separately; without them parking only keeps books.
+            method = getattr(self.engine, action, None)
+            for run_id in run_ids:
+                if method is not None and run_id in self.engine.adapters:
+                    method(run_id)
+
+
+class Capabilities:
+    """What get_server_capabilities reports: base models (name, parameters, context length,
+    family, tokenizer), losses, maximum rank and cycle mode. A model's card is read from its
+    config (parameters counted on the meta device, so nothing is loaded) and cached."""
+
+    def __init__(self, engine, max_rank: int, cycle_ms: int):
+        from .engine.losses import LOSSES
+        from .engine.models import available_models
+
+        self.engine = engine
+        self.max_rank = max_rank
+        self.cycle_mode = "continuous" if cycle_ms == 0 else f"clock {cycle_ms} ms"
+        self.losses = list(LOSSES)
+        self.listed = available_models()
+        self._cards: dict[str, dict] = {}
+
+    @property
+    def model_names(self) -> list[str]:
+        # Models loaded from local directories join the built-in and cached ones.
+        return [*self.listed, *(n for n in list(self.engine.bases) if n not in self.listed)]
+
+    def response(self) -> dict:
+        return {
+            "supported_models": [self.card(name) for name in self.model_names],
+            "losses": self.losses,
+            "max_lora_rank": self.max_rank,
+            "cycle_mode": self.cycle_mode,
+        }
+
+    def card(self, name: str) -> dict:
+        if name not in self._cards:
+            try:
+                self._cards[name] = {"model_name": name, **_model_card(name)}
+            except Exception as exc:  # an unreadable cached model is listed, not fatal
+                print(f"[workbench-server] no model card for {name}: {exc}", file=sys.stderr)
+                return {"model_name": name}
+        return self._cards[name]
+
+
+def _model_card(name: str) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tiny import TINY_MODEL_NAMES, tiny_model_dir
+
+    if name in TINY_MODEL_NAMES:
+        source, kwargs = str(tiny_model_dir(name)), {}
+    elif Path(os.path.expanduser(name)).is_dir():
+        source, kwargs = os.path.expanduser(name), {}
+    else:
+        source, kwargs = name, {"local_files_only": True}
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = AutoModelForCausalLM.from_config(config)
+    tokenizer_class = None
+    tokenizer_config = Path(source) / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        tokenizer_class = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "context_length": int(getattr(config, "max_position_embeddings", 0)) or None,
+        "family": config.model_type,
+        "tokenizer": tokenizer_class or name,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = load_keys(args)
+    if args.max_message_mb <= 0 or args.session_timeout <= 0 or args.max_rank < 1:
+        raise SystemExit("--max-message-mb and --session-timeout must be > 0, --max-rank >= 1")
 
     # Heavy imports after argument parsing, so --help is instant.
     from .engine.engine import Engine
-    from .engine.models import available_models
     from .frontend import Frontend
     from .runner import CycleRunner
-    from .scheduler import Scheduler, run_loop
-    from .store import Store
+    from .scheduler import Scheduler, finish, run_loop
+    from workbench.errors import ServerError
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -108,36 +254,56 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise SystemExit(f"--models: {exc}")
         log(f"loaded {name} on {engine.device}")
+    from .store import Store
+
     store = Store(Path(args.store) if args.store else default_store())
-    scheduler = Scheduler(queue_limit=args.queue_limit)
+    scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens)
     runner = CycleRunner(engine, store)
-    models = available_models()
-    frontend = Frontend(scheduler, keys, info=lambda: {"models": models, "device": str(engine.device)})
+    parking = Parking(engine)
+    capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
+    frontend = Frontend(
+        scheduler, keys,
+        info=lambda: {"models": capabilities.model_names, "device": str(engine.device)},
+        max_message_bytes=int(args.max_message_mb * 2**20),
+        session_timeout=args.session_timeout, on_park=parking.park, on_unpark=parking.unpark,
+        max_rank=args.max_rank, capabilities=capabilities.response,
+    )
+    warn_if_exposed(args.host, args)
     try:
         url = frontend.bind(args.host, args.port)
     except Exception as exc:
         raise SystemExit(f"cannot bind tcp://{args.host}:{args.port}: {exc}")
 
+    def execute(plan):
+        parking.apply()
+        return runner.execute(plan)
+
     stop = threading.Event()
     engine_thread = threading.Thread(
         target=run_loop, name="engine",
-        args=(scheduler, runner.execute, stop, args.cycle_ms, lambda ev: frontend.publish("cycle", ev)),
+        args=(scheduler, execute, stop, args.cycle_ms, lambda ev: frontend.publish("cycle", ev)),
     )
     engine_thread.start()
 
-    def shutdown(*_):
-        stop.set()
+    def shut_down() -> None:
+        stop.wait()
+        scheduler.wake()
+        engine_thread.join()  # the cycle under way finishes and replies
+        for work in scheduler.drain():
+            finish(work, error=ServerError("the server is shutting down; this request was not run"))
+        saved = autosave(runner, log)
+        log(f"saved {len(saved)} training run(s) as wb://<run_id>/weights/{AUTOSAVE_NAME}")
+        frontend.stop()  # after the replies above are queued: serve() flushes them
 
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.exit_with_parent:
         threading.Thread(target=_watch_parent, args=(args.exit_with_parent, stop), daemon=True).start()
-    threading.Thread(target=lambda: (stop.wait(), scheduler.wake(), frontend.stop()), daemon=True).start()
+    threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
 
     log(f"store {store.root}, device {engine.device}, events {frontend.events_url}")
     print(f"workbench-server ready url={url}", flush=True)
-    frontend.serve()  # returns after stop
-    engine_thread.join()
+    frontend.serve()  # returns after shut_down() stops it
     log("stopped")
     return 0
 

@@ -7,6 +7,17 @@ go out on a PUB socket (topic b"cycle").
 
 The frontend never runs tensor code: it checks envelopes and keys, answers metadata ops at
 once, and turns engine ops into `Work` for the scheduler.
+
+Sessions: a client names its session in `heartbeat {session_id}` and in create_model's
+`session_id`; a run created without one is a session of its own. Any request that names the
+session or one of its runs counts as a sign of life. A session silent for `session_timeout`
+seconds has its runs parked (`on_park(run_ids)`: state kept, adapters off the accelerator);
+its next request unparks them (`on_unpark`) before that request is queued. Both publish an
+event on topic b"session".
+
+Message size: a request whose frames total more than `max_message_bytes` gets a
+ProtocolError reply without being decoded; a single frame over twice that limit makes ZeroMQ
+drop the sender's connection (ZMQ_MAXMSGSIZE), so such a message is never buffered whole.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
+import msgpack
 import zmq
 
 from workbench import wire
@@ -38,6 +50,11 @@ class Frontend:
         info: Callable[[], dict],
         max_message_bytes: int = 256 * 1024 * 1024,
         reply_cache: int = 4096,
+        session_timeout: float = 120.0,
+        on_park: Callable[[list[str]], None] = lambda run_ids: None,
+        on_unpark: Callable[[list[str]], None] = lambda run_ids: None,
+        max_rank: int = 128,
+        capabilities: Callable[[], dict] = lambda: {"supported_models": []},
     ):
         self.scheduler = scheduler
         self.keys = keys  # api key -> tenant
@@ -51,6 +68,17 @@ class Frontend:
         self._replies: "OrderedDict[tuple[str, str], Optional[list]]" = OrderedDict()
         self._reply_cache = reply_cache
         self._stop = threading.Event()
+        self.session_timeout = session_timeout
+        self.on_park, self.on_unpark = on_park, on_unpark
+        self.max_rank = max_rank
+        self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
+        # Sessions live on the I/O thread, except run -> session, which create_model's reply
+        # (engine thread) fills; hence the lock.
+        self._seen: dict[tuple[str, str], float] = {}  # (tenant, session) -> last sign of life
+        self._parked: set[tuple[str, str]] = set()
+        self._session_runs: dict[tuple[str, str], list[str]] = {}
+        self._run_session: dict[str, tuple[str, str]] = {}
+        self._sessions_lock = threading.Lock()
         self.url = ""
         self.events_url = ""
 
@@ -59,7 +87,7 @@ class Frontend:
     def bind(self, host: str, port: int) -> str:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)  # per frame
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -98,8 +126,12 @@ class Frontend:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
+        next_sweep = time.monotonic()
         while not self._stop.is_set():
             ready = dict(poller.poll(200))
+            if time.monotonic() >= next_sweep:
+                self._park_silent_sessions()
+                next_sweep = time.monotonic() + min(1.0, self.session_timeout / 4)
             if self.wake_pull in ready:
                 while True:
                     try:
@@ -154,6 +186,13 @@ class Frontend:
         identity = frames[0].bytes
         request_id: Optional[str] = None
         try:
+            size = sum(len(f) for f in frames[1:])
+            if size > self.max_message_bytes:
+                request_id = _peek_id(frames[1])
+                raise ProtocolError(
+                    f"message of {size / 2**20:.1f} MiB exceeds the server's limit of "
+                    f"{self.max_message_bytes / 2**20:.1f} MiB (workbench-server --max-message-mb); "
+                    "send less data per request")
             message = wire.decode(frames[1:])
             if isinstance(message, dict) and isinstance(message.get("id"), str):
                 request_id = message["id"]
@@ -174,6 +213,7 @@ class Frontend:
 
     def _dispatch(self, identity: bytes, tenant: str, message: dict) -> None:
         op, args, request_id = message["op"], message["args"], message["id"]
+        self._touch(tenant, op, args)
         immediate = self._immediate(op, args, tenant)
         if immediate is not None:
             self._send(identity, wire.encode(wire.ok_reply(request_id, immediate)))
@@ -181,6 +221,12 @@ class Frontend:
         if op not in PHASES:
             raise InvalidRequestError(f"unknown op {op!r}", "op")
         _check_args(op, args)
+        if op == "create_model" and not args.get("from_state"):
+            rank = args.get("rank", 32)
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.max_rank:
+                raise InvalidRequestError(
+                    f"rank must be an integer in [1, {self.max_rank}] (this server's --max-rank), "
+                    f"got {rank!r}", "rank")
         queue_name = args.get("model_id") or args.get("sampler_id") or f"admin:{tenant}"
 
         def done(result: Any, error: Optional[BaseException]) -> None:
@@ -191,6 +237,8 @@ class Frontend:
             self._outbox.put((identity, tenant, request_id, reply))
             self._wake()
 
+        if op == "create_model":
+            done = self._recording_session(tenant, args.get("session_id"), done)
         tokens = sum(len(d["tokens"]) for d in args.get("data", ()))
         self._replies[(tenant, request_id)] = None  # in flight
         try:
@@ -207,9 +255,67 @@ class Frontend:
             }
         if op == "ping":
             return {"time": time.time(), "cycle": self.scheduler.cycle}
+        if op == "heartbeat":
+            return {"session_id": args["session_id"], "timeout": self.session_timeout}
         if op == "get_server_capabilities":
-            return {"supported_models": [{"model_name": m} for m in self.info()["models"]]}
+            return self.capabilities()
         return None
+
+    # -------------------------------------------------------------- sessions
+
+    def _touch(self, tenant: str, op: str, args: dict) -> None:
+        """Record a sign of life of the session this request belongs to; unpark it."""
+        session = args.get("session_id")
+        if op == "heartbeat" and not isinstance(session, str):
+            raise InvalidRequestError("heartbeat needs argument 'session_id' (a string)", "session_id")
+        if session is not None and not isinstance(session, str):
+            raise InvalidRequestError("session_id must be a string", "session_id")
+        key = (tenant, session) if session else None
+        if key is None and isinstance(args.get("model_id"), str):
+            with self._sessions_lock:
+                key = self._run_session.get(args["model_id"])
+            if key is not None and key[0] != tenant:
+                key = None  # another tenant's run: the scheduler answers "not found"
+        if key is None:
+            return
+        with self._sessions_lock:
+            self._seen[key] = time.monotonic()
+        if key in self._parked:
+            self._parked.discard(key)
+            with self._sessions_lock:
+                runs = list(self._session_runs.get(key, ()))
+            self.on_unpark(runs)
+            self.publish("session", {"session": key[1], "state": "resumed", "runs": runs})
+
+    def _recording_session(self, tenant: str, session: Optional[str], done: Callable) -> Callable:
+        """Wrap create_model's reply so the new run joins its session (its own if none)."""
+        def recording(result: Any, error: Optional[BaseException]) -> None:
+            if error is None and isinstance(result, dict) and "model_id" in result:
+                run_id = result["model_id"]
+                key = (tenant, session or f"run:{run_id}")
+                with self._sessions_lock:
+                    self._run_session[run_id] = key
+                    self._session_runs.setdefault(key, []).append(run_id)
+                    self._seen.setdefault(key, time.monotonic())
+            done(result, error)
+        return recording
+
+    def _park_silent_sessions(self) -> None:
+        now = time.monotonic()
+        with self._sessions_lock:
+            seen_items = list(self._seen.items())
+        for key, seen in seen_items:
+            if key in self._parked or now - seen < self.session_timeout:
+                continue
+            with self._sessions_lock:
+                runs = list(self._session_runs.get(key, ()))
+            if not runs:
+                with self._sessions_lock:
+                    self._seen.pop(key, None)  # a session without runs has nothing to keep
+                continue
+            self._parked.add(key)
+            self.on_park(runs)
+            self.publish("session", {"session": key[1], "state": "parked", "runs": runs})
 
 
 _REQUIRED = {
@@ -224,7 +330,24 @@ _REQUIRED = {
     "load_state": {"model_id": str, "path": str},
     "sample": {"sampler_id": str, "prompt": object},
     "compute_logprobs": {"sampler_id": str, "prompt": object},
+    "list_training_runs": {},
+    "get_training_run": {"run_id": str},
+    "list_checkpoints": {"run_id": str},
+    "list_user_checkpoints": {},
+    "delete_checkpoint": {"path": str},
+    "get_checkpoint_files": {"path": str},
 }
+
+
+def _peek_id(header: Any) -> Optional[str]:
+    """The request id of an undecoded message, if its header is readable (for the reply)."""
+    try:
+        message = msgpack.unpackb(header.bytes if hasattr(header, "bytes") else header,
+                                  ext_hook=lambda code, data: None, raw=False)
+    except Exception:
+        return None
+    request_id = message.get("id") if isinstance(message, dict) else None
+    return request_id if isinstance(request_id, str) else None
 
 
 def _check_args(op: str, args: dict) -> None:

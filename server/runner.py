@@ -8,6 +8,7 @@ engine adapter each maps to. Every request's result or error goes back through i
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,6 +20,19 @@ from .engine.engine import AdapterConfig, Engine, EngineDatum, ForwardItem, rand
 from .engine.sampler import SampleRequest
 from .scheduler import CyclePlan, Work, as_error, finish
 from .store import Store, check_name, parse_uri
+
+
+REST_OPS = ("list_training_runs", "get_training_run", "list_checkpoints",
+            "list_user_checkpoints", "delete_checkpoint", "get_checkpoint_files")
+
+
+def _page(args: dict) -> tuple[int, int]:
+    limit, offset = args.get("limit", 20), args.get("offset", 0)
+    if not isinstance(limit, int) or limit < 1:
+        raise InvalidRequestError(f"limit must be a positive integer, got {limit!r}", "limit")
+    if not isinstance(offset, int) or offset < 0:
+        raise InvalidRequestError(f"offset must be a non-negative integer, got {offset!r}", "offset")
+    return limit, offset
 
 
 @dataclass
@@ -95,6 +109,8 @@ class CycleRunner:
             return self._create_model(work.tenant, args)
         if work.op == "create_sampling_session":
             return self._create_sampler(work.tenant, args)
+        if work.op in REST_OPS:
+            return self._rest(work.tenant, work.op, args)
         raise InvalidRequestError(f"unknown admin op {work.op!r}")
 
     def _create_model(self, tenant: str, args: dict) -> dict:
@@ -162,6 +178,46 @@ class CycleRunner:
         self._load_base(base_model)
         self.samplers[sampler_id] = Sampler(sampler_id, tenant, base_model, None)
         return {"sampler_id": sampler_id, "base_model": base_model}
+
+    # ------------------------------------------------ runs and checkpoints (RestClient)
+
+    def _rest(self, tenant: str, op: str, args: dict) -> dict:
+        """Listing, deleting and downloading, straight from the store: runs survive restarts,
+        and another tenant's runs and paths read as not found."""
+        if op == "get_checkpoint_files":
+            return {"files": self.store.checkpoint_files(args["path"], tenant)}
+        if op == "delete_checkpoint":
+            self.store.delete_checkpoint(args["path"], tenant)
+            return {}
+        if op == "list_checkpoints":
+            return {"checkpoints": self.store.list_checkpoints(args["run_id"], tenant), "cursor": None}
+        if op == "get_training_run":
+            return self._run_record(self.store.run_meta(args["run_id"], tenant))
+        limit, offset = _page(args)
+        if op == "list_training_runs":
+            runs = sorted(self.store.list_runs(tenant), key=lambda m: m.get("created", 0), reverse=True)
+            return {"training_runs": [self._run_record(m) for m in runs[offset:offset + limit]],
+                    "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+        # list_user_checkpoints: every run's checkpoints, newest first
+        checkpoints = [c for m in self.store.list_runs(tenant)
+                       for c in self.store.list_checkpoints(m["run_id"], tenant)]
+        checkpoints.sort(key=lambda c: c["time"], reverse=True)
+        return {"checkpoints": checkpoints[offset:offset + limit],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(checkpoints)}}
+
+    def _run_record(self, meta: dict) -> dict:
+        checkpoints = self.store.list_checkpoints(meta["run_id"], meta["tenant"])
+        latest = {kind: max((c for c in checkpoints if c["checkpoint_type"] == kind),
+                            key=lambda c: c["time"], default=None) for kind in ("training", "sampler")}
+        times = [c["time"] for c in checkpoints]
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.get("created", 0)))
+        return {
+            "training_run_id": meta["run_id"], "base_model": meta["base_model"],
+            "model_owner": meta["tenant"], "is_lora": True,
+            "lora_rank": int(meta["lora"]["rank"]), "last_request_time": max([created, *times]),
+            "last_checkpoint": latest["training"], "last_sampler_checkpoint": latest["sampler"],
+            "user_metadata": meta.get("user_metadata"),
+        }
 
     # ---------------------------------------------------------------- train
 

@@ -27,6 +27,9 @@ from workbench.errors import QueueFullError, WorkbenchError
 
 PHASES = {
     "create_model": 0, "create_sampling_session": 0, "get_tokenizer": 0,
+    # runs and checkpoints (RestClient): admin work, read from / written to the store
+    "list_training_runs": 0, "get_training_run": 0, "list_checkpoints": 0,
+    "list_user_checkpoints": 0, "delete_checkpoint": 0, "get_checkpoint_files": 0,
     "forward": 1, "forward_backward": 1,
     "optim_step": 3,
     "sample": 4, "compute_logprobs": 4,
@@ -63,8 +66,9 @@ class CyclePlan:
 class Scheduler:
     """Thread-safe books: frontends submit, the engine thread takes cycle plans."""
 
-    def __init__(self, queue_limit: int = 256):
+    def __init__(self, queue_limit: int = 256, cycle_tokens: int = 0):
         self.queue_limit = queue_limit
+        self.cycle_tokens = cycle_tokens  # train tokens per cycle, shared by tenants; 0 = no cap
         self._queues: dict[str, deque[Work]] = {}
         self._per_tenant: dict[str, int] = {}
         self._cond = threading.Condition()
@@ -111,21 +115,44 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
+    def drain(self) -> list[Work]:
+        """Remove and return every queued request (at shutdown, to answer them)."""
+        with self._cond:
+            works = [w for q in self._queues.values() for w in q]
+            self._queues.clear()
+            self._per_tenant.clear()
+            return works
+
     def next_plan(self) -> CyclePlan:
-        """Take this cycle's work from every queue (see the module docstring)."""
+        """Take this cycle's work from every queue (see the module docstring).
+
+        Fairness: with a `cycle_tokens` cap, each tenant that has work may take an equal
+        share of it (at least one request per run, so every run moves), however many
+        requests it has queued; the rest stays queued for later cycles.
+        """
         with self._cond:
             self._cycle += 1
             by_phase: dict[int, list[Work]] = {}
-            for name in list(self._queues):
-                for work in _take_prefix(self._queues[name]):
-                    by_phase.setdefault(work.phase, []).append(work)
-                    self._per_tenant[work.tenant] -= 1
-                if not self._queues[name]:
-                    del self._queues[name]
+            by_tenant: dict[str, list[str]] = {}
+            for name, queue in self._queues.items():
+                if queue:
+                    by_tenant.setdefault(queue[0].tenant, []).append(name)
+            share = self.cycle_tokens // len(by_tenant) if self.cycle_tokens and by_tenant else None
+            for names in by_tenant.values():
+                budget = [share]  # one tenant's remaining share, spent across its runs
+                for name in names:
+                    for work in _take_prefix(self._queues[name], budget):
+                        by_phase.setdefault(work.phase, []).append(work)
+                        self._per_tenant[work.tenant] -= 1
+            for name in [n for n, q in self._queues.items() if not q]:
+                del self._queues[name]
             return CyclePlan(self._cycle, by_phase)
 
 
-def _take_prefix(queue: deque[Work]) -> list[Work]:
+def _take_prefix(queue: deque[Work], budget: list) -> list[Work]:
+    """The run's longest phase-ordered prefix with at most one optim_step, stopping once
+    the tenant's token budget (budget[0], None = unlimited) is spent; the first request
+    of a queue is always taken so that no run waits forever behind a large request."""
     taken: list[Work] = []
     phase = -1
     optim_steps = 0
@@ -135,9 +162,13 @@ def _take_prefix(queue: deque[Work]) -> list[Work]:
             break
         if work.phase == 0 and taken:  # admin work runs alone, in arrival order
             break
+        if taken and budget[0] is not None and work.tokens > budget[0]:
+            break
         optim_steps += work.op == "optim_step"
         phase = work.phase
         taken.append(queue.popleft())
+        if budget[0] is not None:
+            budget[0] = max(0, budget[0] - work.tokens)
         if work.phase == 0:
             break
     return taken
@@ -189,6 +220,7 @@ def run_loop(
         if not plan.by_phase:
             continue
         started = time.time()
+        run_metrics = _collect_metrics(plan)
         figures = execute(plan)
         event = {
             "cycle": plan.cycle,
@@ -197,9 +229,26 @@ def run_loop(
             "tenants": len({w.tenant for w in plan.works()}),
             "queue_depth": scheduler.queue_depth(),
             **figures,
+            "run_metrics": run_metrics,
         }
         if on_cycle is not None:
             on_cycle(event)
+
+
+def _collect_metrics(plan: CyclePlan) -> dict[str, dict[str, dict]]:
+    """Wrap each work's reply callback so that the metrics of its successful result land
+    in the returned dict, {run or sampler id: {op: metrics}}, filled while the cycle runs.
+    Several requests of one op in a cycle: metrics named "*:sum" add up, others keep the last."""
+    collected: dict[str, dict[str, dict]] = {}
+    for work in plan.works():
+        def done(result: Any, error: Optional[BaseException], work=work, reply=work.done) -> None:
+            if error is None and isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+                into = collected.setdefault(work.queue, {}).setdefault(work.op, {})
+                for key, value in result["metrics"].items():  # several requests: ":sum" adds up
+                    into[key] = into.get(key, 0.0) + value if key.endswith(":sum") else value
+            reply(result, error)
+        work.done = done
+    return collected
 
 
 def as_error(exc: BaseException) -> WorkbenchError:

@@ -153,6 +153,20 @@ class Store:
                 })
         return out
 
+    def delete_checkpoint(self, uri: str, tenant: str) -> None:
+        """Remove a checkpoint (sampler weights too: immutable means never overwritten,
+        not undeletable). Samplers already serving it keep their in-memory copy."""
+        path = self.checkpoint_dir(uri, tenant)
+        # Rename first, so a concurrent reader sees either the whole checkpoint or none.
+        doomed = path.with_name(f".{path.name}.deleted-{secrets.token_hex(4)}")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+
+    def checkpoint_files(self, uri: str, tenant: str) -> dict[str, bytes]:
+        """The files of a checkpoint directory, by name (what download_checkpoint writes)."""
+        path = self.checkpoint_dir(uri, tenant)
+        return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
+
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""

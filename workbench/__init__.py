@@ -9,6 +9,7 @@ from .errors import (
     ProtocolError, QueueFullError, RequestFailedError, ServerError, WorkbenchError,
 )
 from .futures import APIFuture
+from .rest_client import RestClient
 from .sampling_client import SamplingClient
 from .service_client import ServiceClient
 from .training_client import TrainingClient

@@ -12,16 +12,18 @@ import itertools
 import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any, Optional
 
 import zmq
 
 from . import wire
-from .errors import ConnectionFailedError, ProtocolError, error_from_wire
+from .errors import ConnectionFailedError, InvalidRequestError, ProtocolError, error_from_wire
 from .futures import APIFuture
 
 CLIENT_VERSION = "0.1.0"
+HEARTBEAT_S = 5.0  # how often the I/O thread tells the server each session is alive
 _ids = itertools.count()
 
 
@@ -49,6 +51,10 @@ class Connection:
         self._wake_push.connect(self._wake_addr)
         self._closed = False
         self._pid = os.getpid()
+        # Sessions (one per ServiceClient) to heartbeat; the I/O thread reads a copy.
+        self._sessions: set[str] = set()
+        self._heartbeats_on = True  # off for good once the server says it has no such op
+        self._heartbeat_inflight: dict[str, str] = {}  # session id -> request id
         self._thread = threading.Thread(target=self._loop, name="workbench-io", daemon=True)
         self._thread.start()
         try:
@@ -84,6 +90,12 @@ class Connection:
             self._wake_push.send(b"")
         return future
 
+    def add_session(self, session_id: str) -> None:
+        self._sessions.add(session_id)
+
+    def remove_session(self, session_id: str) -> None:
+        self._sessions.discard(session_id)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -106,8 +118,13 @@ class Connection:
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
         running = True
+        next_heartbeat = time.monotonic() + HEARTBEAT_S
         while running:
-            ready = dict(poller.poll())
+            wait_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
+            ready = dict(poller.poll(wait_ms if self._heartbeats_on else None))
+            if self._heartbeats_on and time.monotonic() >= next_heartbeat:
+                self._send_heartbeats(dealer)
+                next_heartbeat = time.monotonic() + HEARTBEAT_S
             if self._wake_pull in ready:
                 while True:
                     try:
@@ -137,6 +154,29 @@ class Connection:
         self._pending.clear()
         dealer.close(0)
         self._wake_pull.close(0)
+
+    def _send_heartbeats(self, dealer: "zmq.Socket") -> None:
+        """One heartbeat per live session (I/O thread only). A heartbeat still unanswered
+        from last time (server busy or restarting) is dropped, so none pile up."""
+        for session_id in list(self._sessions):
+            stale = self._heartbeat_inflight.pop(session_id, None)
+            if stale is not None:
+                self._pending.pop(stale, None)
+            request_id = f"hb-{uuid.uuid4().hex[:12]}-{next(_ids)}"
+            future: APIFuture = APIFuture()
+            future.add_done_callback(lambda f, sid=session_id, rid=request_id: self._on_heartbeat(f, sid, rid))
+            self._pending[request_id] = future
+            self._heartbeat_inflight[session_id] = request_id
+            dealer.send_multipart(wire.encode(wire.request(
+                request_id, "heartbeat", self.api_key, {"session_id": session_id})), copy=False)
+
+    def _on_heartbeat(self, future: APIFuture, session_id: str, request_id: str) -> None:
+        if self._heartbeat_inflight.get(session_id) == request_id:
+            del self._heartbeat_inflight[session_id]
+        error = future.exception()
+        # A server without the op: stop quietly, it simply does not track sessions.
+        if isinstance(error, InvalidRequestError) and "unknown op" in error.message:
+            self._heartbeats_on = False
 
     def _on_reply(self, frames: list) -> None:
         try:

@@ -23,6 +23,7 @@ class SamplingClient:
         self.base_model = base_model
         self.model_path = model_path
         self._listeners: list = []
+        self._results = 0  # results received so far: the `step` listeners are given
 
     def sample(
         self,
@@ -44,14 +45,15 @@ class SamplingClient:
             "include_prompt_logprobs": bool(include_prompt_logprobs),
         }
         future = map_future(self._connection.call("sample", args), wire.sample_response_from_wire)
-        if self._listeners:
-            future.add_done_callback(self._notify)
+        future.add_done_callback(lambda f: self._notify(f, "sample", _sample_metrics))
         return future
 
     def compute_logprobs(self, prompt: types.ModelInput) -> APIFuture[list[Optional[float]]]:
         """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] under this sampler's weights."""
         args = {"sampler_id": self.sampler_id, "prompt": np.asarray(_ints(prompt), dtype=np.int32)}
-        return map_future(self._connection.call("compute_logprobs", args), lambda r: list(r["logprobs"]))
+        future = map_future(self._connection.call("compute_logprobs", args), lambda r: list(r["logprobs"]))
+        future.add_done_callback(lambda f: self._notify(f, "compute_logprobs", _logprob_metrics))
+        return future
 
     async def sample_async(self, *args: Any, **kwargs: Any) -> APIFuture[types.SampleResponse]:
         return self.sample(*args, **kwargs)
@@ -65,13 +67,26 @@ class SamplingClient:
         return get_tokenizer(self._connection, self.base_model)
 
     def add_listener(self, fn) -> None:
-        """fn(response: SampleResponse) is called (on the I/O thread) for every result."""
+        """fn(step, kind, metrics) for every result as it arrives (on the I/O thread), like
+        TrainingClient.add_listener: `step` counts this client's results so far (1, 2, ...),
+        kind is sample or compute_logprobs, metrics summarise the result (num_sequences,
+        tokens:sum, logprob:mean for sample; tokens, logprob:sum for compute_logprobs)."""
         self._listeners.append(fn)
 
-    def _notify(self, future: APIFuture) -> None:
-        if future.exception() is None:
-            for fn in list(self._listeners):
-                fn(future.result())
+    def remove_listener(self, fn) -> None:
+        self._listeners.remove(fn)
+
+    def _notify(self, future: APIFuture, kind: str, metrics_of) -> None:
+        if future.exception() is not None:
+            return
+        self._results += 1
+        for fn in list(self._listeners):
+            try:
+                fn(self._results, kind, metrics_of(future.result()))
+            except Exception:  # a broken listener must not break the I/O thread
+                import traceback
+
+                traceback.print_exc()
 
     def __reduce__(self):
         return (_restore, (self._connection.url, self._connection.api_key, self.sampler_id,
@@ -79,6 +94,18 @@ class SamplingClient:
 
     def __repr__(self) -> str:
         return f"SamplingClient({self.model_path or self.base_model!r}, sampler_id={self.sampler_id!r})"
+
+
+def _sample_metrics(response: types.SampleResponse) -> dict:
+    logprobs = [lp for seq in response.sequences for lp in (seq.logprobs or [])]
+    return {"num_sequences": float(len(response.sequences)),
+            "tokens:sum": float(sum(len(seq.tokens) for seq in response.sequences)),
+            "logprob:mean": float(np.mean(logprobs)) if logprobs else 0.0}
+
+
+def _logprob_metrics(logprobs: list) -> dict:
+    known = [lp for lp in logprobs if lp is not None]
+    return {"tokens": float(len(logprobs)), "logprob:sum": float(sum(known))}
 
 
 def _ints(prompt: Any) -> Sequence[int]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
+import weakref
 from typing import Any, Optional
 
 from . import types
 from .connection import Connection
+from .rest_client import RestClient
 from .sampling_client import SamplingClient
 from .training_client import TrainingClient
 
@@ -50,6 +53,11 @@ class ServiceClient:
             )
         self.base_url = url
         self._connection = connection_for(url, key)
+        # One session per ServiceClient: the I/O thread heartbeats it while this object lives,
+        # so the server can tell live sessions from abandoned ones.
+        self.session_id = uuid.uuid4().hex
+        self._connection.add_session(self.session_id)
+        weakref.finalize(self, self._connection.remove_session, self.session_id)
 
     # -------------------------------------------------------------- creation
 
@@ -66,7 +74,7 @@ class ServiceClient:
         args = {
             "base_model": base_model, "rank": int(rank), "seed": seed,
             "train_mlp": train_mlp, "train_attn": train_attn, "train_unembed": train_unembed,
-            "user_metadata": user_metadata,
+            "user_metadata": user_metadata, "session_id": self.session_id,
         }
         reply = self._connection.call("create_model", args).result()
         return TrainingClient(self, reply["model_id"], base_model, int(rank), reply.get("arch", ""))
@@ -81,7 +89,8 @@ class ServiceClient:
 
     def _from_state(self, path: str, optimizer: bool) -> TrainingClient:
         reply = self._connection.call("create_model", {"base_model": "", "from_state": path,
-                                                        "optimizer": optimizer}).result()
+                                                        "optimizer": optimizer,
+                                                        "session_id": self.session_id}).result()
         return TrainingClient(self, reply["model_id"], reply["base_model"], int(reply["rank"]),
                               reply.get("arch", ""))
 
@@ -98,6 +107,10 @@ class ServiceClient:
     def get_server_capabilities(self) -> types.GetServerCapabilitiesResponse:
         reply = self._connection.call("get_server_capabilities", {}).result()
         return types.GetServerCapabilitiesResponse.model_validate(reply)
+
+    def create_rest_client(self) -> RestClient:
+        """Runs and checkpoints: list, inspect, delete, download."""
+        return RestClient(self._connection)
 
     # --------------------------------------------------------- async variants
 

@@ -11,9 +11,59 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import types, wire
+from .errors import InvalidRequestError
 from .futures import APIFuture, map_future
 
 Listener = Callable[[int, str, dict], None]
+
+# What each loss reads besides target_tokens, and its config keys (reference/tinker-api.md).
+# Checked here so that a bad datum fails at once, naming its index and field, without a
+# round trip; the server checks the same again (and what needs the model: vocab, context).
+LOSS_INPUTS = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "cispo": ("logprobs", "advantages"),
+    "dro": ("logprobs", "advantages"),
+}
+LOSS_CONFIG_KEYS = {
+    "cross_entropy": (), "importance_sampling": (),
+    "ppo": ("clip_low_threshold", "clip_high_threshold"),
+    "cispo": ("clip_low_threshold", "clip_high_threshold"),
+    "dro": ("beta",),
+}
+
+
+def validate_forward(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: Optional[dict]) -> None:
+    """Raise InvalidRequestError (with `where`, e.g. data[2].loss_fn_inputs.weights) for what
+    can be told wrong without the model."""
+    if loss_fn not in LOSS_INPUTS:
+        raise InvalidRequestError(f"unknown loss_fn {loss_fn!r}; choose one of {', '.join(LOSS_INPUTS)}",
+                                  "loss_fn")
+    unknown = sorted(set(loss_fn_config or {}) - set(LOSS_CONFIG_KEYS[loss_fn]))
+    if unknown:
+        raise InvalidRequestError(f"loss_fn_config keys {unknown} are not used by {loss_fn} (it reads "
+                                  f"{list(LOSS_CONFIG_KEYS[loss_fn]) or 'none'})", "loss_fn_config")
+    if not data:
+        raise InvalidRequestError("data is empty: pass at least one Datum", "data")
+    for i, datum in enumerate(data):
+        n = datum.model_input.length
+        if n == 0:
+            raise InvalidRequestError("model_input is empty", f"data[{i}].model_input")
+        for name in ("target_tokens", *LOSS_INPUTS[loss_fn]):
+            if name not in datum.loss_fn_inputs:
+                raise InvalidRequestError(f"{loss_fn} needs loss_fn_inputs[{name!r}]",
+                                          f"data[{i}].loss_fn_inputs.{name}")
+        for name, tensor in datum.loss_fn_inputs.items():
+            where = f"data[{i}].loss_fn_inputs.{name}"
+            array = tensor.to_numpy()
+            if array.shape != (n,):
+                raise InvalidRequestError(
+                    f"{name} has shape {list(array.shape)}, expected [{n}] (the model_input's length: "
+                    "position i predicts target i)", where)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidRequestError(f"{name} contains NaN or inf (first at position "
+                                          f"{int(np.flatnonzero(~np.isfinite(array))[0])})", where)
 
 
 class TrainingClient:
@@ -42,6 +92,7 @@ class TrainingClient:
 
     def _forward(self, op, data, loss_fn, loss_fn_config) -> APIFuture[types.ForwardBackwardOutput]:
         data = [d if isinstance(d, types.Datum) else types.Datum.model_validate(d) for d in data]
+        validate_forward(data, loss_fn, loss_fn_config)
         args = {
             "model_id": self.model_id,
             "data": [wire.datum_to_wire(d) for d in data],
@@ -65,22 +116,25 @@ class TrainingClient:
         """
         import torch
 
-        data = list(data)
-        forward_out = self.forward(data, "cross_entropy", None).result()
+        data = [d if isinstance(d, types.Datum) else types.Datum.model_validate(d) for d in data]
+        for i, datum in enumerate(data):
+            if "target_tokens" not in datum.loss_fn_inputs:
+                raise InvalidRequestError("forward_backward_custom needs loss_fn_inputs['target_tokens']",
+                                          f"data[{i}].loss_fn_inputs.target_tokens")
+        # Pass 1 only needs the target logprobs: the user's own inputs (weights, masks, ...)
+        # are for their loss_fn, so the forward gets zero weights of the right length.
+        probe = [self._linear_datum(d, np.zeros(d.model_input.length, np.float32)) for d in data]
+        forward_out = self.forward(probe, "cross_entropy", None).result()
         logprobs = [
             torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32, requires_grad=True)
             for out in forward_out.loss_fn_outputs
         ]
         loss, metrics = loss_fn(data, logprobs)
         grads = torch.autograd.grad(loss, logprobs, allow_unused=True)
-        linear = []
-        for datum, lp, grad in zip(data, logprobs, grads):
-            weights = -(grad if grad is not None else torch.zeros_like(lp))
-            linear.append(types.Datum(
-                model_input=datum.model_input,
-                loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"],
-                                "weights": weights.detach().numpy()},
-            ))
+        linear = [
+            self._linear_datum(datum, -(grad.detach().numpy() if grad is not None else np.zeros(len(lp), np.float32)))
+            for datum, lp, grad in zip(data, logprobs, grads)
+        ]
         custom_metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
         return map_future(
             self.forward_backward(linear, "cross_entropy"),
@@ -90,6 +144,12 @@ class TrainingClient:
                 metrics=custom_metrics,
             ),
         )
+
+    @staticmethod
+    def _linear_datum(datum: types.Datum, weights: np.ndarray) -> types.Datum:
+        return types.Datum(model_input=datum.model_input,
+                           loss_fn_inputs={"target_tokens": datum.loss_fn_inputs["target_tokens"],
+                                           "weights": weights})
 
     def optim_step(self, adam_params: types.AdamParams) -> APIFuture[types.OptimStepResponse]:
         if isinstance(adam_params, dict):

@@ -20,6 +20,7 @@ __all__ = [
     "AdamParams",
     "Checkpoint",
     "CheckpointsListResponse",
+    "Cursor",
     "Datum",
     "EncodedTextChunk",
     "ForwardBackwardOutput",
@@ -41,6 +42,7 @@ __all__ = [
     "TensorData",
     "TensorDtype",
     "TrainingRun",
+    "TrainingRunsResponse",
 ]
 
 
@@ -289,10 +291,17 @@ class GetInfoResponse(StrictBase):
 
 class SupportedModel(StrictBase):
     model_name: str
+    parameters: Optional[int] = None  # of the base model, LoRA excluded
+    context_length: Optional[int] = None  # max tokens of one sequence
+    family: Optional[str] = None  # transformers model_type, e.g. "qwen3", "llama"
+    tokenizer: Optional[str] = None  # tokenizer class, or the name get_tokenizer takes
 
 
 class GetServerCapabilitiesResponse(StrictBase):
     supported_models: list[SupportedModel]
+    losses: list[str] = []  # loss_fn names forward_backward accepts
+    max_lora_rank: Optional[int] = None
+    cycle_mode: Optional[str] = None  # "continuous" or "clock <N> ms"
 
 
 class Checkpoint(StrictBase):
@@ -307,14 +316,32 @@ class Checkpoint(StrictBase):
         return self.path
 
 
+class Cursor(StrictBase):
+    """Pagination of a listing: where this page starts, its size and how many exist."""
+
+    offset: int
+    limit: int
+    total_count: int
+
+
 class CheckpointsListResponse(StrictBase):
     checkpoints: list[Checkpoint]
+    cursor: Optional[Cursor] = None  # None for unpaginated listings (one run's checkpoints)
 
 
 class TrainingRun(StrictBase):
     training_run_id: str
     base_model: str
+    model_owner: str = ""
     is_lora: bool = True
+    corrupted: bool = False
     lora_rank: Optional[int] = None
     last_request_time: Optional[str] = None
+    last_checkpoint: Optional[Checkpoint] = None
+    last_sampler_checkpoint: Optional[Checkpoint] = None
     user_metadata: Optional[dict[str, str]] = None
+
+
+class TrainingRunsResponse(StrictBase):
+    training_runs: list[TrainingRun]
+    cursor: Cursor

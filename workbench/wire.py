@@ -20,6 +20,10 @@ Envelopes::
 Ops (args -> result; arrays are numpy on both sides):
 
     hello                    {client}                         -> {protocol, server, tenant}
+    heartbeat                {session_id}                     -> {session_id, timeout}
+                             (immediate; a session silent for `timeout` seconds has its
+                             runs parked until its next request; create_model may carry
+                             session_id, and a run created without one is its own session)
     get_server_capabilities  {}                               -> GetServerCapabilitiesResponse
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
@@ -37,6 +41,17 @@ Ops (args -> result; arrays are numpy on both sides):
                               include_prompt_logprobs, topk_prompt_logprobs}
                                                               -> SampleResponse
     compute_logprobs         {sampler_id, prompt}             -> {logprobs}
+    heartbeat                {session_id}                     -> {} (every few seconds per
+                                                                 ServiceClient)
+    list_training_runs       {limit, offset}                  -> TrainingRunsResponse
+    get_training_run         {run_id}                         -> TrainingRun
+    list_checkpoints         {run_id}                         -> CheckpointsListResponse
+    list_user_checkpoints    {limit, offset}                  -> CheckpointsListResponse (newest
+                                                                 first, with a cursor)
+    delete_checkpoint        {path}                           -> {}
+    get_checkpoint_files     {path}                           -> {files: {name: bytes}}
+
+Runs and checkpoints of another tenant answer NotFound, exactly like missing ones.
 
 A datum on the wire is ``{"tokens": int32[N], "loss_fn_inputs": {name: array}}``.
 """

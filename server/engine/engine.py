@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import losses as L
-from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair
+from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
 from .optim import AdapterOptimizer
 from .packing import build_micro_batch, plan_micro_batches
@@ -83,10 +83,19 @@ class ForwardResult:
 
 
 class Engine:
-    def __init__(self, device: str = "auto", token_budget: int = 4096, logprob_chunk: int = 1024):
+    def __init__(
+        self,
+        device: str = "auto",
+        token_budget: int = 4096,
+        logprob_chunk: int = 1024,
+        lora_impl: str = "auto",
+    ):
+        """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
+        matmul pair per adapter span) or "auto" (grouped where torch has it). Same results."""
         self.device = resolve_device(device)
         self.token_budget = token_budget
         self.logprob_chunk = logprob_chunk
+        self.lora_impl = resolve_lora_impl(lora_impl)
         self.bases: dict[str, BaseModel] = {}
         self.adapters: dict[str, Adapter] = {}
         self._next_slot = 0
@@ -95,7 +104,10 @@ class Engine:
 
     def load_model(self, name: str) -> BaseModel:
         if name not in self.bases:
-            self.bases[name] = load_base_model(name, self.device)
+            base = load_base_model(name, self.device)
+            for layer in base.lora_layers.values():
+                layer.impl = self.lora_impl
+            self.bases[name] = base
         return self.bases[name]
 
     def tokenizer_files(self, name: str) -> dict[str, bytes]:

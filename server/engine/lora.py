@@ -41,7 +41,83 @@ class LoRAPair:
     scaling: float
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    torch._grouped_mm's backward rejects expanded (stride 0) gradients, which autograd
+    produces for e.g. `out.sum().backward()`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+@dataclass
+class RoutePlan:
+    """Where one layer's routed tokens lie, as tensors ready for one grouped matmul.
+
+    Segments are the spans whose slot this layer holds, in span order. `lo:hi` is set when
+    those segments tile one contiguous token range in order (the usual case: the engine
+    sorts work by slot), so no gather is needed; otherwise `index` lists their tokens.
+    """
+
+    slots: tuple[int, ...]  # one per segment
+    offs: torch.Tensor  # int32 [S] cumulative segment ends over the routed tokens
+    index: Optional[torch.Tensor]  # int64 [M] flattened token positions, or None
+    lo: int
+    hi: int
+
+
+def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[RoutePlan]:
+    spans = [(slot, s, e) for slot, s, e in spans if e > s]
+    if not spans:
+        return None
+    ends, total = [], 0
+    for _, s, e in spans:
+        total += e - s
+        ends.append(total)
+    contiguous = all(spans[i][2] == spans[i + 1][1] for i in range(len(spans) - 1))
+    index = None
+    if not contiguous:
+        index = torch.cat([torch.arange(s, e) for _, s, e in spans]).to(device)
+    return RoutePlan(
+        slots=tuple(slot for slot, _, _ in spans),
+        offs=torch.tensor(ends, dtype=torch.int32).to(device),
+        index=index,
+        lo=spans[0][1],
+        hi=spans[-1][2],
+    )
+
+
+LORA_IMPLS = ("auto", "loop", "grouped")
+
+
+def resolve_lora_impl(impl: str) -> str:
+    """'auto' -> 'grouped' when this torch has torch._grouped_mm, else 'loop'."""
+    if impl not in LORA_IMPLS:
+        raise ValueError(f"lora_impl must be one of {', '.join(LORA_IMPLS)}, got {impl!r}")
+    if impl == "auto":
+        return "grouped" if hasattr(torch, "_grouped_mm") else "loop"
+    if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError("lora_impl 'grouped' needs torch._grouped_mm, which this torch lacks")
+    return impl
+
+
 class MultiLoRALinear(nn.Module):
+    """A frozen nn.Linear plus any number of LoRA adapters, routed per token.
+
+    Two implementations of the adapter math, chosen by `impl`, give the same result:
+      * "grouped": every adapter of the pass in one `torch._grouped_mm` per factor (A, then
+        B), the adapters' weights stacked [S, in, r_max] / [S, r_max, out] (zero-padded to
+        the largest rank, scaling folded into B). No Python loop over adapters in the math.
+      * "loop": one pair of matmuls per adapter span (the reference; PEFT's own arithmetic).
+    """
+
     def __init__(self, base: nn.Linear, name: str, group: str):
         super().__init__()
         self.base = base
@@ -57,6 +133,8 @@ class MultiLoRALinear(nn.Module):
         # rows because the lm_head sees fewer positions than the other layers.
         self.spans: Sequence[Span] = ()
         self.per_row = False
+        self.routing: Optional["LoRARouting"] = None  # holds per-pass caches
+        self.impl = resolve_lora_impl("auto")
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads lm_head.weight in a few places
@@ -77,20 +155,81 @@ class MultiLoRALinear(nn.Module):
 
     def forward_spans(self, x: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
         out = self.base(x)
-        active = [(self.adapters[slot], s, e) for slot, s, e in spans if slot in self.adapters]
+        active = tuple((slot, s, e) for slot, s, e in spans if slot in self.adapters and e > s)
         if not active:
             return out
+        if self.impl == "grouped" and self._aligned(x.dtype):
+            self._add_grouped(x, out, active)
+        else:
+            self._add_loop(x, out, active)
+        return out
+
+    def _aligned(self, dtype: torch.dtype) -> bool:
+        """Grouped GEMM needs 16-byte aligned rows; odd sizes (e.g. a vocab of 50257) loop."""
+        align = 16 // torch.empty((), dtype=dtype).element_size()
+        return self.in_features % align == 0 and self.out_features % align == 0
+
+    def _add_loop(self, x: torch.Tensor, out: torch.Tensor, active: Sequence[Span]) -> None:
         x_flat = x.reshape(-1, self.in_features)  # [N, in]
         out_flat = out.reshape(-1, self.out_features)  # [N, out], a view of `out`
-        for pair, start, end in active:
-            x_part = x_flat[start:end]
+        for slot, start, end in active:
+            pair = self.adapters[slot]
             a = pair.lora_A.to(x.dtype)
             b = pair.lora_B.to(x.dtype)
-            delta = (x_part @ a.t()) @ b.t()  # [n, out]
+            delta = (x_flat[start:end] @ a.t()) @ b.t()  # [n, out]
             # In-place add on a view of the base output: autograd records it (CopySlices)
             # and the base linear's backward does not need its own output.
             out_flat[start:end].add_(delta, alpha=pair.scaling)
-        return out
+
+    def _add_grouped(self, x: torch.Tensor, out: torch.Tensor, active: tuple[Span, ...]) -> None:
+        routing = self.routing
+        plan = routing.plan(active, x.device) if routing else make_route_plan(active, x.device)
+        a_t, b_t = self._stacks(plan.slots, x.dtype)
+        x_flat = x.reshape(-1, self.in_features)  # [N, in]
+        out_flat = out.reshape(-1, self.out_features)  # [N, out], a view of `out`
+        if plan.index is None:
+            x_sel = x_flat[plan.lo:plan.hi]  # [M, in]
+        else:
+            x_sel = x_flat.index_select(0, plan.index)
+        h = _ContiguousGrad.apply(torch._grouped_mm(x_sel, a_t, offs=plan.offs))  # [M, r_max]
+        delta = _ContiguousGrad.apply(torch._grouped_mm(h, b_t, offs=plan.offs))  # [M, out]
+        if plan.index is None:
+            out_flat[plan.lo:plan.hi].add_(delta)
+        else:
+            out_flat.index_add_(0, plan.index, delta)
+
+    def _stacks(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([S, in, r_max], [S, r_max, out]) for the given slots, differentiable to each pair.
+
+        Built from the adapters' own tensors every pass (so autograd lands gradients in them
+        and AdamW steps them); cached for the pass only when no gradient is wanted.
+        """
+        cache = self.routing.stack_cache if self.routing is not None and not torch.is_grad_enabled() else None
+        key = (self.name, slots, dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        pairs = [self.adapters[slot] for slot in slots]
+        r_max = max(p.lora_A.shape[0] for p in pairs)
+        align = 16 // torch.empty((), dtype=dtype).element_size()
+        r_max = -(-r_max // align) * align  # grouped GEMM wants 16-byte aligned strides
+        a = torch.stack([_pad_rank(p.lora_A, r_max, 0) for p in pairs]).to(dtype)  # [S, r, in]
+        b = torch.stack([
+            _pad_rank(p.lora_B if p.scaling == 1.0 else p.lora_B * p.scaling, r_max, 1) for p in pairs
+        ]).to(dtype)  # [S, out, r]
+        # Transposed views (column-major), the layout grouped GEMM kernels take for mat_b.
+        result = (a.transpose(1, 2), b.transpose(1, 2))
+        if cache is not None:
+            cache[key] = result
+        return result
+
+
+def _pad_rank(t: torch.Tensor, r_max: int, dim: int) -> torch.Tensor:
+    """Zero-pad a LoRA factor's rank dimension; zero rank components add exactly 0."""
+    missing = r_max - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = (0, 0, 0, missing) if dim == 0 else (0, missing)
+    return torch.nn.functional.pad(t, pad)
 
 
 def init_lora_pair(
@@ -135,23 +274,38 @@ def wrap_linear_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
 
 
 class LoRARouting:
-    """Context manager that routes one forward pass's tokens to their adapters."""
+    """Context manager that routes one forward pass's tokens to their adapters.
+
+    It also keeps the pass's caches: route plans (shared by every layer with the same
+    spans) and, when no gradient is wanted, the stacked adapter weights. The sampler enters
+    one LoRARouting per decode step and reuses the object, so the caches live across steps;
+    adapter weights must not change while it is in use.
+    """
 
     def __init__(self, layers: dict[str, MultiLoRALinear], spans: Sequence[Span], per_row: bool = False):
         self.layers = layers
         self.spans = tuple(spans)
         self.per_row = per_row
+        self.plans: dict[tuple, RoutePlan] = {}
+        self.stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def plan(self, active: tuple[Span, ...], device: torch.device) -> RoutePlan:
+        if active not in self.plans:
+            self.plans[active] = make_route_plan(active, device)
+        return self.plans[active]
 
     def __enter__(self) -> "LoRARouting":
         for layer in self.layers.values():
             layer.spans = self.spans
             layer.per_row = self.per_row
+            layer.routing = self
         return self
 
     def __exit__(self, *exc) -> None:
         for layer in self.layers.values():
             layer.spans = ()
             layer.per_row = False
+            layer.routing = None
 
 
 def spans_for_rows(row_slots: Sequence[Optional[int]]) -> list[Span]:

@@ -1,0 +1,175 @@
+"""%tinker magics through IPython's shell against a real server (tiny model, real ZeroMQ)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.testing.globalipapp import start_ipython
+
+from workbench import types
+
+
+@pytest.fixture(scope="module")
+def ip(server):
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "kernel_ext")
+    shell.run_line_magic("tinker", f"connect {server.url} --key {server.api_key}")
+    yield shell
+    shell.run_line_magic("tinker", "stop")
+
+
+def shifted(tokens: list[int], n_prompt: int) -> types.Datum:
+    weights = [0.0] * (n_prompt - 1) + [1.0] * (len(tokens) - n_prompt)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+@pytest.fixture(scope="module")
+def training(ip):
+    service = ip.run_line_magic("tinker", "status") and ip.user_ns  # connected by the ip fixture
+    magics = ip.magics_manager.registry["TinkerMagics"]
+    client = magics.session.service.create_lora_training_client("tiny-qwen3", rank=4, seed=0)
+    tok = client.get_tokenizer()
+    ids = tok.encode("the sky is blue and the grass is green", add_special_tokens=False)
+    data = [shifted(ids, 4), shifted(ids[:6], 2)]
+    ip.user_ns.update(tc=client, data=data, batches=[data])
+    assert service is not None
+    return client
+
+
+def test_help_documents_every_subcommand(ip):
+    from kernel_ext import magics
+
+    doc = ip.find_line_magic("tinker").__doc__
+    assert doc == magics.__doc__
+    for name in ("start", "stop", "connect", "status", "models", "runs", "checkpoints", "watch",
+                 "inspect", "step", "rollouts", "monitor", "sample"):
+        assert f"%tinker {name}" in doc, name
+
+
+@pytest.mark.parametrize("line, message", [
+    ("", "needs a subcommand"),
+    ("fly", "invalid choice: 'fly'"),
+    ("sample tc 'hi' --n 0", "must be >= 1"),
+    ("step tc", "--batches"),
+    ("watch nothing_here", "cannot evaluate training client 'nothing_here'"),
+    ("watch data", "is a list, not a TrainingClient"),
+    ("inspect 42", "expected a Datum"),
+    ("step tc --batches data[0].model_input", "got ModelInput"),
+    ("sample tc 'unclosed", "cannot parse"),
+    ("rollouts \"[{'samples': [{'advantage': 1}]}]\"", "sample 0 has no reward"),
+    ("inspect \"[{'role': 'user', 'content': 'hi'}]\"", "needs --renderer"),
+    ("fly", "%tinker: argument SUBCOMMAND"),
+    ("step tc --batches batches --lr -1", "%tinker step: argument --lr: must be >= 0"),
+])
+def test_bad_input_raises_a_usage_error_naming_it(ip, training, line, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        ip.run_line_magic("tinker", line)
+
+
+def test_status_and_models(ip, server):
+    status = ip.run_line_magic("tinker", "status")
+    assert server.url in repr(status) and "tiny-qwen3" in repr(status)
+    assert "tiny-qwen3" in ip.run_line_magic("tinker", "models")._repr_html_()
+
+
+def test_watch_draws_a_real_training_run(ip, training):
+    curve = ip.run_line_magic("tinker", "watch tc")
+    for _ in range(3):
+        fb = training.forward_backward(ip.user_ns["data"], "cross_entropy")
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        expected = fb.result().metrics["loss:sum"]
+    training.forward(ip.user_ns["data"], "cross_entropy").result()
+    curve.flush()
+    raw, smooth, evals = curve.fig.data
+    assert list(raw.x) == [0.0, 1.0, 2.0] and raw.y[-1] == pytest.approx(expected)
+    assert raw.y[-1] < raw.y[0]  # it learns
+    assert list(evals.x) == [3.0]
+    curve.close()
+
+
+def test_inspect_scores_and_diffs_after_training(ip, training):
+    view = ip.run_line_magic("tinker", "inspect data --client tc")
+    assert view.body.value.count('class="wb-token"') == len(ip.user_ns["data"][0].model_input.to_ints()) + 1
+    view.score_button.click()
+    assert view.wait_scored(60) and view.error is None
+    training.forward_backward(ip.user_ns["data"], "cross_entropy")
+    training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    view.score_button.click()
+    assert view.wait_scored(60)
+    view.mode.value = "diff"
+    assert "change" in view.body.value and view.logprobs[0] != view.before[0]
+    # The inspector's logprobs are the server's, for exactly these tokens.
+    out = training.forward(ip.user_ns["data"][:1], "cross_entropy").result()
+    assert view.logprobs[0] == pytest.approx(out.loss_fn_outputs[0]["logprobs"].tolist(), abs=1e-6)
+    assert "[[" in repr(view)  # the terminal fallback marks trained tokens
+    view.close()
+
+
+def test_step_panel_buttons_run_in_the_background(ip, training):
+    panel = ip.run_line_magic("tinker", "step tc --batches batches --lr 0.01")
+    start_step = panel.step
+    t0 = time.monotonic()
+    panel.step_button.click()
+    assert time.monotonic() - t0 < 0.5  # the click only enqueued the work
+    assert panel.wait_idle(60) and panel.error is None
+    panel.flush()
+    assert panel.step == start_step + 1
+    assert f'wb-step-count">{start_step + 1}<' in panel.info.value
+    panel.toggle_pause()
+    panel.run_count.value = 2
+    panel.run_button.click()
+    time.sleep(0.3)
+    assert panel.step == start_step + 1 and panel.paused  # paused: the run waits
+    panel.toggle_pause()
+    assert panel.wait_idle(60) and panel.error is None
+    assert panel.step == start_step + 3 and panel.pending == 0 and panel.last_loss is not None
+    panel.close()
+
+
+def test_sample_and_monitor_see_the_server(ip, training):
+    monitor = ip.run_line_magic("tinker", "monitor")
+    time.sleep(0.3)  # let the SUB socket connect before the cycles we want to see
+    view = ip.run_line_magic("tinker", "sample tc 'the sky is' --n 2 --max-tokens 5 --temperature 0")
+    assert len(view.response.sequences) == 2
+    assert all(len(seq.logprobs) == len(seq.tokens) for seq in view.response.sequences)
+    assert view.texts[0] == view.texts[1]  # greedy
+    assert 'class="wb-completion"' in view._repr_html_()
+    deadline = time.monotonic() + 10
+    while not monitor.cycles and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monitor.flush()
+    assert monitor.cycles and monitor.latest["tenants"] >= 1
+    assert len(monitor.fig.data[0].y) == len(monitor.cycles)
+
+
+def test_cell_magic_sample(ip, training):
+    ip.run_cell("%%tinker sample tc --max-tokens 3 --temperature 0\nthe grass is\n")
+    result = ip.user_ns["_"]
+    assert result.prompt == "the grass is" and len(result.response.sequences[0].tokens) <= 3
+
+
+def test_rollouts_from_a_list(ip):
+    ip.user_ns["groups"] = [
+        {"samples": [{"reward": 1.0, "logprobs": [-0.2, -1.5]}, {"reward": 0.0, "logprobs": [-3.0]}]},
+        {"samples": [{"reward": 0.5}, {"reward": 0.5}]},
+    ]
+    dash = ip.run_line_magic("tinker", "rollouts groups")
+    assert [g.zero_variance for g in dash.groups] == [False, True]
+    assert "zero variance" in dash.body.value
+    dash.close()
+
+
+def test_runs_and_checkpoints_use_the_rest_client(ip, training):
+    magics = ip.magics_manager.registry["TinkerMagics"]
+    if not hasattr(magics.session.service, "create_rest_client"):
+        with pytest.raises(UsageError, match="no RestClient yet"):
+            ip.run_line_magic("tinker", "runs")
+        return
+    training.save_state("kx").result()
+    runs = ip.run_line_magic("tinker", "runs")
+    assert training.model_id in repr(runs)
+    checkpoints = ip.run_line_magic("tinker", f"checkpoints {training.model_id}")
+    assert "kx" in repr(checkpoints)

@@ -1,0 +1,334 @@
+"""Server acceptance over real ZeroMQ: one real server process with two tenants (two keys via
+--api-keys), the tiny model, a small per-cycle token cap (so fairness shows in a few
+requests), a 1 MiB message limit and a 2 s session timeout."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+from safetensors.numpy import load_file
+
+import workbench as wb
+from workbench import types, wire
+
+from conftest import start_server
+
+KEYS = {"key-a": "alice", "key-b": "bob"}
+SESSION_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("acceptance")
+    keys_file = tmp / "keys.json"
+    keys_file.write_text(json.dumps(KEYS))
+    running = start_server(
+        tmp, "--models", "tiny-qwen3", "--api-keys", str(keys_file), "--cycle-tokens", "64",
+        "--queue-limit", "2000", "--max-message-mb", "1", "--session-timeout", str(SESSION_TIMEOUT),
+        api_key="key-a",
+    )
+    running.store_root = tmp / "store"
+    yield running
+    running.stop(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def alice(server):
+    return wb.ServiceClient(base_url=server.url, api_key="key-a")
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    return wb.ServiceClient(base_url=server.url, api_key="key-b")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(alice):
+    return alice.create_sampling_client(base_model="tiny-qwen3").get_tokenizer()
+
+
+def datum(tokenizer, text: str) -> types.Datum:
+    ids = tokenizer.encode(text)
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1)})
+
+
+class Raw:
+    """A bare DEALER speaking the wire protocol, for what the SDK would refuse to send."""
+
+    def __init__(self, url: str, key: str):
+        self.key = key
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(url)
+
+    def call(self, op: str, args: dict, timeout: float = 30.0) -> dict:
+        request_id = uuid.uuid4().hex
+        self.sock.send_multipart(wire.encode(wire.request(request_id, op, self.key, args)))
+        while self.sock.poll(int(timeout * 1000)):
+            reply = wire.decode(self.sock.recv_multipart())
+            if reply.get("id") == request_id:
+                return reply
+        raise AssertionError(f"no reply to {op} within {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Events:
+    """A SUB socket on the server's event stream, collecting decoded events by topic."""
+
+    def __init__(self, url: str, topic: bytes):
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
+        self.sock.connect(url)
+        self.seen: list[dict] = []
+        time.sleep(0.5)  # PUB/SUB slow joiner: let the subscription reach the server
+
+    def collect(self, until, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while not until(self.seen) and time.monotonic() < deadline:
+            if self.sock.poll(200):
+                _, *frames = self.sock.recv_multipart()
+                self.seen.append(wire.decode(frames))
+        return self.seen
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def events_url(service) -> str:
+    return service._connection.hello["events_url"]
+
+
+def saved_weights(server, path: str) -> dict[str, np.ndarray]:
+    run_id, kind, name = path[len("wb://"):].split("/")
+    return load_file(str(server.store_root / "runs" / run_id / kind / name / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------ capabilities
+
+def test_capabilities_describe_models_losses_rank_and_cycle_mode(alice):
+    caps = alice.get_server_capabilities()
+    card = {m.model_name: m for m in caps.supported_models}["tiny-qwen3"]
+    assert card.family == "qwen3" and card.context_length and card.context_length > 0
+    assert 1e5 < card.parameters < 1e8 and card.tokenizer
+    assert set(caps.losses) >= {"cross_entropy", "importance_sampling", "ppo"}
+    assert caps.max_lora_rank == 128 and caps.cycle_mode == "continuous"
+    with pytest.raises(wb.InvalidRequestError, match="max-rank"):
+        alice.create_lora_training_client(base_model="tiny-qwen3", rank=129)
+
+
+# ------------------------------------------------------------------- tenants, exactness
+
+def train(client, data, steps: int) -> None:
+    for _ in range(steps):
+        client.forward_backward(data, "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result(60)
+
+
+def test_two_tenants_concurrently_get_the_weights_they_get_alone(server, alice, bob, tokenizer):
+    data = {"a": [datum(tokenizer, "alice trains on this line")],
+            "b": [datum(tokenizer, "bob trains on another, longer line of text")]}
+    services = {"a": alice, "b": bob}
+
+    def run(who: str, name: str) -> str:
+        client = services[who].create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=11)
+        train(client, data[who], 4)
+        return client.save_state(name).result(60).path
+
+    alone = {who: run(who, f"alone-{who}") for who in "ab"}
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda w=w: together.__setitem__(w, run(w, f"together-{w}")))
+               for w in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for who in "ab":
+        ref, got = saved_weights(server, alone[who]), saved_weights(server, together[who])
+        assert ref.keys() == got.keys()
+        for key in ref:
+            # Packed with the other tenant, sums run in another order: fp32 rounding only
+            # (weights ~3e-2, lr 1e-2; Adam turns rounding of tiny gradients into ~1e-6).
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    # The runs started from the same seed but saw different data: they must differ.
+    a, b = saved_weights(server, alone["a"]), saved_weights(server, alone["b"])
+    assert any(not np.allclose(a[k], b[k]) for k in a)
+
+
+def test_cross_tenant_runs_samplers_and_checkpoints_are_not_found(alice, bob, tokenizer):
+    mine = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=3)
+    state = mine.save_state("private").result(60).path
+    sampler_path = mine.save_weights_for_sampler("private-s").result(60).path
+    sampler = alice.create_sampling_client(model_path=sampler_path)
+    raw = Raw(bob._connection.url, "key-b")
+    try:
+        data = [wire.datum_to_wire(datum(tokenizer, "hello there"))]
+        checks = [
+            ("forward", {"model_id": mine.model_id, "data": data, "loss_fn": "cross_entropy"}),
+            ("optim_step", {"model_id": mine.model_id, "adam_params": {"learning_rate": 1e-3}}),
+            ("save_state", {"model_id": mine.model_id, "name": "stolen"}),
+            ("sample", {"sampler_id": sampler.sampler_id, "prompt": np.array([1, 2], np.int32),
+                        "sampling_params": {"max_tokens": 2}}),
+            ("compute_logprobs", {"sampler_id": sampler.sampler_id, "prompt": np.array([1, 2], np.int32)}),
+            ("create_sampling_session", {"model_path": sampler_path}),
+            ("create_model", {"from_state": state, "optimizer": True}),
+        ]
+        for op, args in checks:
+            reply = raw.call(op, args)
+            assert reply["ok"] is False and reply["error"]["type"] == "NotFoundError", (op, reply)
+    finally:
+        raw.close()
+    with pytest.raises(wb.NotFoundError):
+        bob.create_training_client_from_state_with_optimizer(state)
+    # Bob's own run loading Alice's state is "not found" too, and Alice's run still works.
+    bobs = bob.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=3)
+    with pytest.raises(wb.NotFoundError):
+        bobs.load_state(state).result(60)
+    assert mine.forward([datum(tokenizer, "still mine")], "cross_entropy").result(60).metrics
+
+
+def test_poisoned_requests_fail_alone(alice, bob, tokenizer):
+    good_data = [datum(tokenizer, "a clean example for the good tenant")]
+    good = bob.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=5)
+    reference_run = bob.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=5)
+    reference = reference_run.forward_backward(good_data, "cross_entropy").result(60)
+    reference_run.optim_step(types.AdamParams(learning_rate=1e-2)).result(60)
+
+    poisoned = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=6)
+    raw = Raw(alice._connection.url, "key-a")
+    try:
+        ids = np.array(tokenizer.encode("poison here"), np.int32)
+        n = len(ids) - 1
+        nan_adv = {"tokens": ids[:-1], "loss_fn_inputs": {
+            "target_tokens": ids[1:], "logprobs": np.zeros(n, np.float32),
+            "advantages": np.full(n, np.nan, np.float32)}}
+        oov = {"tokens": np.array([1, 10**6, 2], np.int32), "loss_fn_inputs": {
+            "target_tokens": np.array([1, 2, 3], np.int32), "weights": np.ones(3, np.float32)}}
+        # Sent raw, back to back with the good tenant's work, so they share its cycles.
+        request_ids = []
+        for item, loss in ((nan_adv, "importance_sampling"), (oov, "cross_entropy")):
+            request_ids.append(uuid.uuid4().hex)
+            raw.sock.send_multipart(wire.encode(wire.request(request_ids[-1], "forward_backward", "key-a", {
+                "model_id": poisoned.model_id, "data": [item], "loss_fn": loss})))
+        fb = good.forward_backward(good_data, "cross_entropy")
+        step = good.optim_step(types.AdamParams(learning_rate=1e-2))
+        replies = {}
+        while len(replies) < 2 and raw.sock.poll(30000):
+            reply = wire.decode(raw.sock.recv_multipart())
+            replies[reply["id"]] = reply
+    finally:
+        raw.close()
+    nan_reply, oov_reply = (replies[i] for i in request_ids)
+    assert not nan_reply["ok"] and "advantages" in nan_reply["error"]["where"], nan_reply
+    assert "NaN" in nan_reply["error"]["message"]
+    assert not oov_reply["ok"] and "vocabulary" in oov_reply["error"]["message"], oov_reply
+    got = fb.result(60)
+    step.result(60)
+    np.testing.assert_allclose(got.loss_fn_outputs[0]["logprobs"].to_numpy(),
+                               reference.loss_fn_outputs[0]["logprobs"].to_numpy(), rtol=1e-6, atol=1e-6)
+    after = [c.forward(good_data, "cross_entropy").result(60).metrics["loss:sum"] for c in (good, reference_run)]
+    assert after[0] == pytest.approx(after[1], rel=1e-6)
+
+
+# ------------------------------------------------------------------ scheduling, events
+
+def test_flooding_tenant_does_not_starve_another(alice, bob, tokenizer):
+    events = Events(events_url(alice), b"cycle")
+    try:
+        flooder = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=7)
+        victim = bob.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=8)
+        flood_data = [datum(tokenizer, "flooding the queue with many forward requests")]
+        flood = [flooder.forward(flood_data, "cross_entropy") for _ in range(100)]
+        fb = victim.forward_backward([datum(tokenizer, "one small step")], "cross_entropy")
+        step = victim.optim_step(types.AdamParams(learning_rate=1e-3))
+        fb.result(60)
+        step.result(60)
+        for f in flood:
+            f.result(120)
+
+        def cycles_of(run_id: str, op: str) -> list[int]:
+            return [e["cycle"] for e in events.seen if op in e.get("run_metrics", {}).get(run_id, {})]
+
+        events.collect(lambda seen: len(cycles_of(flooder.model_id, "forward")) and
+                       sum(e["requests"].get("forward", 0) for e in seen
+                           if flooder.model_id in e["run_metrics"]) >= 100)
+    finally:
+        events.close()
+    flood_cycles = cycles_of(flooder.model_id, "forward")
+    victim_cycles = cycles_of(victim.model_id, "forward_backward")
+    assert victim_cycles == cycles_of(victim.model_id, "optim_step"), "fb + optim share a cycle"
+    # The victim is served within two cycles of the flood's first one, long before the flood ends.
+    assert victim_cycles[0] <= flood_cycles[0] + 2, (victim_cycles, flood_cycles)
+    assert flood_cycles[-1] - flood_cycles[0] >= 10, flood_cycles
+    first = next(e for e in events.seen if e["cycle"] == flood_cycles[0])
+    assert first["queue_depth"] > 0 and first["tokens"] <= 64 + 16
+
+
+def test_cycle_events_carry_figures_and_per_run_metrics(alice, tokenizer):
+    events = Events(events_url(alice), b"cycle")
+    try:
+        client = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=9)
+        out = client.forward_backward([datum(tokenizer, "metrics please")], "cross_entropy")
+        client.optim_step(types.AdamParams(learning_rate=1e-3)).result(60)
+        loss = out.result(60).metrics["loss:sum"]
+        seen = events.collect(lambda s: any(client.model_id in e["run_metrics"] for e in s))
+    finally:
+        events.close()
+    event = next(e for e in seen if client.model_id in e["run_metrics"])
+    assert {"cycle", "start", "seconds", "tenants", "runs", "requests", "tokens", "queue_depth"} <= event.keys()
+    assert event["requests"]["forward_backward"] >= 1 and event["tokens"] > 0 and event["tenants"] >= 1
+    assert abs(event["start"] - time.time()) < 60
+    assert event["run_metrics"][client.model_id]["forward_backward"]["loss:sum"] == pytest.approx(loss)
+    assert "optim_step" in event["run_metrics"][client.model_id]
+
+
+def test_sixteen_clients_fifty_requests_each_resolve_exactly_once(server, tokenizer):
+    services = [wb.ServiceClient(base_url=server.url, api_key="key-a" if i % 2 else "key-b") for i in range(16)]
+    sampler = services[0].create_sampling_client(base_model="tiny-qwen3")
+    expected = sampler.compute_logprobs(types.ModelInput.from_ints([5, 6, 7])).result(60)
+    results: dict[int, list] = {}
+
+    def client(i: int) -> None:
+        mine = services[i].create_sampling_client(base_model="tiny-qwen3")
+        # Each request has its own prompt, so a reply that reached the wrong future shows.
+        futures = [mine.compute_logprobs(types.ModelInput.from_ints([5, 6, 7, 1 + (i * 50 + j) % 200]))
+                   for j in range(50)]
+        results[i] = [(j, f.result(120)) for j, f in enumerate(futures)]
+
+    events = Events(events_url(services[0]), b"cycle")
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+
+        def executed(seen) -> int:
+            return sum(e["requests"].get("compute_logprobs", 0) for e in seen)
+
+        events.collect(lambda seen: executed(seen) >= 800, timeout=10)
+        time.sleep(0.5)
+        events.collect(lambda seen: False, timeout=0.5)
+    finally:
+        events.close()
+    assert executed(events.seen) == 800  # each request ran exactly once on the server
+    assert sorted(results) == list(range(16))
+    by_last_token: dict[int, list] = {}
+    for i, pairs in results.items():
+        assert [j for j, _ in pairs] == list(range(50))
+        for j, logprobs in pairs:
+            assert len(logprobs) == 4 and logprobs[0] is None
+            np.testing.assert_allclose(logprobs[1:3], expected[1:3], rtol=1e-5)
+            by_last_token.setdefault(1 + (i * 50 + j) % 200, []).append(logprobs[3])
+    for values in by_last_token.values():  # the same prompt gets the same answer everywhere
+        np.testing.assert_allclose(values, values[0], rtol=1e-5)
+    assert len({v[0] for v in by_last_token.values()}) > 1

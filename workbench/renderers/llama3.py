@@ -1,0 +1,38 @@
+"""Llama 3 renderer: `<|start_header_id|>role<|end_header_id|>\\n\\n{content}<|eot_id|>`.
+
+Mirrors the Llama 3 chat template (and the built-in tiny-llama's): BOS once, content
+trimmed of surrounding whitespace (Jinja's `| trim`), no default system prompt (the 3.1+
+templates' "Cutting Knowledge Date" preamble is left to the caller).
+"""
+
+from __future__ import annotations
+
+from .base import Message, RenderContext, RenderedMessage, Renderer
+
+
+class Llama3Renderer(Renderer):
+    @property
+    def bos(self) -> str:
+        return self.tokenizer.bos_token or "<|begin_of_text|>"
+
+    def render_message(self, message: Message, ctx: RenderContext) -> RenderedMessage:
+        header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+        return RenderedMessage(header=header, output=(message.get("content") or "").strip() + "<|eot_id|>")
+
+    def generation_header(self, role: str, ctx: RenderContext) -> str:
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+    @property
+    def _end_of_turn(self) -> int:
+        return self._single_token("<|eot_id|>")
+
+    def get_stop_sequences(self) -> list[int]:
+        return [self._end_of_turn]
+
+    def parse_response(self, response: list[int]) -> tuple[Message, bool]:
+        """Text up to the first <|eot_id|>; ok is False if there is none."""
+        response = list(response)
+        ok = self._end_of_turn in response
+        if ok:
+            response = response[: response.index(self._end_of_turn)]
+        return Message(role="assistant", content=self.tokenizer.decode(response)), ok
