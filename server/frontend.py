@@ -213,7 +213,7 @@ class Frontend:
 
     def _dispatch(self, identity: bytes, tenant: str, message: dict) -> None:
         op, args, request_id = message["op"], message["args"], message["id"]
-        self._touch(tenant, op, args)
+        session = self._touch(tenant, op, args)
         immediate = self._immediate(op, args, tenant)
         if immediate is not None:
             self._send(identity, wire.encode(wire.ok_reply(request_id, immediate)))
@@ -230,6 +230,9 @@ class Frontend:
         queue_name = args.get("model_id") or args.get("sampler_id") or f"admin:{tenant}"
 
         def done(result: Any, error: Optional[BaseException]) -> None:
+            if session is not None:  # a long request's end is a sign of life too
+                with self._sessions_lock:
+                    self._seen[session] = time.monotonic()
             reply = (
                 wire.ok_reply(request_id, result) if error is None
                 else wire.error_reply(request_id, as_error(error).to_wire())
@@ -263,8 +266,9 @@ class Frontend:
 
     # -------------------------------------------------------------- sessions
 
-    def _touch(self, tenant: str, op: str, args: dict) -> None:
-        """Record a sign of life of the session this request belongs to; unpark it."""
+    def _touch(self, tenant: str, op: str, args: dict) -> Optional[tuple[str, str]]:
+        """Record a sign of life of the session this request belongs to, unpark it, and
+        return its key (None for a request of no known session)."""
         session = args.get("session_id")
         if op == "heartbeat" and not isinstance(session, str):
             raise InvalidRequestError("heartbeat needs argument 'session_id' (a string)", "session_id")
@@ -277,7 +281,7 @@ class Frontend:
             if key is not None and key[0] != tenant:
                 key = None  # another tenant's run: the scheduler answers "not found"
         if key is None:
-            return
+            return None
         with self._sessions_lock:
             self._seen[key] = time.monotonic()
         if key in self._parked:
@@ -286,6 +290,7 @@ class Frontend:
                 runs = list(self._session_runs.get(key, ()))
             self.on_unpark(runs)
             self.publish("session", {"session": key[1], "state": "resumed", "runs": runs})
+        return key
 
     def _recording_session(self, tenant: str, session: Optional[str], done: Callable) -> Callable:
         """Wrap create_model's reply so the new run joins its session (its own if none)."""
@@ -296,7 +301,7 @@ class Frontend:
                 with self._sessions_lock:
                     self._run_session[run_id] = key
                     self._session_runs.setdefault(key, []).append(run_id)
-                    self._seen.setdefault(key, time.monotonic())
+                    self._seen[key] = time.monotonic()
             done(result, error)
         return recording
 

@@ -273,6 +273,7 @@ class CycleRunner:
     def _sample(self, works: list[Work]) -> int:
         tokens = 0
         by_base: dict[str, list[tuple[Work, Sampler]]] = {}
+        logprob_groups: dict[tuple, list[Work]] = {}  # (adapter, base) -> compute_logprobs
         for work in works:
             try:
                 sampler = self.sampler(work.args["sampler_id"], work.tenant)
@@ -280,12 +281,11 @@ class CycleRunner:
                 finish(work, error=as_error(exc))
                 continue
             if work.op == "compute_logprobs":
-                self._guarded(work, lambda w, s=sampler: {
-                    "logprobs": self.engine.prompt_logprobs(
-                        s.adapter_id, s.base_model, [np.asarray(w.args["prompt"])])[0]
-                })
+                logprob_groups.setdefault((sampler.adapter_id, sampler.base_model), []).append(work)
                 continue
             by_base.setdefault(sampler.base_model, []).append((work, sampler))
+        for (adapter_id, base_name), group in logprob_groups.items():
+            self._compute_logprobs(adapter_id, base_name, group)
         for base_name, group in by_base.items():
             requests, owners = [], []
             base = self.engine.load_model(base_name)
@@ -319,6 +319,20 @@ class CycleRunner:
                     "prompt_logprobs": prompt_logprobs,
                 })
         return tokens
+
+    def _compute_logprobs(self, adapter_id: Optional[str], base_name: str, works: list[Work]) -> None:
+        """One packed pass for a group's prompts; if it is refused (a bad prompt), each
+        request runs alone so that only the bad one fails."""
+        try:
+            prompts = [np.asarray(w.args["prompt"]) for w in works]
+            results = self.engine.prompt_logprobs(adapter_id, base_name, prompts)
+        except Exception:
+            for work in works:
+                self._guarded(work, lambda w: {"logprobs": self.engine.prompt_logprobs(
+                    adapter_id, base_name, [np.asarray(w.args["prompt"])])[0]})
+            return
+        for work, logprobs in zip(works, results):
+            finish(work, {"logprobs": logprobs})
 
     def _sample_request(self, work: Work, sampler: Sampler, base) -> SampleRequest:
         args = work.args

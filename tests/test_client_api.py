@@ -254,7 +254,7 @@ def test_invalid_datum_is_caught_before_sending(service, monkeypatch):
     ]
     for data, loss_fn, where, message in cases:
         with pytest.raises(InvalidRequestError, match=message) as err:
-            training.forward_backward(data, loss_fn)
+            training.forward_backward(data, loss_fn).result(1)  # fails at once, without a reply
         assert err.value.where == where and err.value.category == "user"
     assert sent == []  # nothing went on the wire
     # What only the model can tell is checked by the server, with the same precision.

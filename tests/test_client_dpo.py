@@ -15,7 +15,11 @@ from workbench import types
 
 BASE = "tiny-qwen3"
 BETA = 0.5
-ADAM = dict(learning_rate=5e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
+# eps = 1 makes AdamW's update a smooth function of the gradient (close to SGD), so the final
+# weights compare the gradients themselves. With a tiny eps, Adam's near-sign update turns the
+# rounding noise of gradient components that are almost zero (most lm_head rows) into steps
+# of full size, whichever side computed them.
+ADAM = dict(learning_rate=0.02, beta1=0.9, beta2=0.95, eps=1.0, weight_decay=0.0, grad_clip_norm=0.0)
 
 
 def pair_data(rng) -> list[types.Datum]:
@@ -65,6 +69,7 @@ def test_dpo_via_forward_backward_custom_matches_autograd(service, tmp_path):
         assert batch is data or [d.model_input for d in batch] == [d.model_input for d in data]
         return dpo_loss(weights, ref_logprobs, logprobs)
 
+    losses = []
     for step in range(2):  # step 0 moves only lora_B (it starts at 0); step 1 both
         out = training.forward_backward_custom(data, user_loss)
         metrics = training.optim_step(types.AdamParams(**ADAM)).result(60).metrics
@@ -78,13 +83,14 @@ def test_dpo_via_forward_backward_custom_matches_autograd(service, tmp_path):
             lps.append(logp.gather(-1, d.loss_fn_inputs["target_tokens"].to_torch()[:, None])[:, 0])
         loss, ref_metrics = dpo_loss(weights, ref_logprobs, lps)
         loss.backward()
+        losses.append(float(loss.detach()))
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         opt.step()
 
         assert result.metrics["loss:sum"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6), step
         assert result.metrics["margin:mean"] == pytest.approx(ref_metrics["margin:mean"], rel=1e-5, abs=1e-5)
         assert metrics["grad_norm:mean"] == pytest.approx(grad_norm, rel=1e-4), step
-    assert float(loss.detach()) < np.log(2) * 2  # the pairs moved towards the chosen completions
+    assert losses[1] < losses[0]  # the first step moved the pairs towards the chosen completions
 
     from safetensors.torch import load_file
 

@@ -111,6 +111,16 @@ def lab(server, tmp_path):
     log.close()
 
 
+def _accept_kernel_dialog(page) -> None:
+    """JupyterLab sometimes asks which kernel to start even when the notebook names one."""
+    try:
+        page.wait_for_selector(".jp-Dialog .jp-mod-accept", timeout=3_000)
+    except Exception:
+        return
+    page.locator(".jp-Dialog .jp-mod-accept").first.click()
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+
+
 def test_notebook_widgets_render_and_step_advances(lab, tmp_path):
     artifacts = Path(os.environ.get("WB_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -122,6 +132,7 @@ def test_notebook_widgets_render_and_step_advances(lab, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(f"{lab}/lab/tree/e2e.ipynb")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            _accept_kernel_dialog(page)
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             out = ".jp-OutputArea-output"
@@ -142,5 +153,10 @@ def test_notebook_widgets_render_and_step_advances(lab, tmp_path):
             shot = artifacts / "kernel_ext_e2e.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        except Exception:
+            page.screenshot(path=str(artifacts / "kernel_ext_e2e_failed.png"), full_page=True)
+            outputs = page.eval_on_selector_all(".jp-OutputArea-output", "els => els.map(e => e.innerHTML)")
+            (artifacts / "kernel_ext_e2e_failed.html").write_text("\n<hr>\n".join(outputs))
+            raise
         finally:
             browser.close()

@@ -28,14 +28,12 @@ def shifted(tokens: list[int], n_prompt: int) -> types.Datum:
 
 @pytest.fixture(scope="module")
 def training(ip):
-    service = ip.run_line_magic("tinker", "status") and ip.user_ns  # connected by the ip fixture
     magics = ip.magics_manager.registry["TinkerMagics"]
     client = magics.session.service.create_lora_training_client("tiny-qwen3", rank=4, seed=0)
     tok = client.get_tokenizer()
     ids = tok.encode("the sky is blue and the grass is green", add_special_tokens=False)
     data = [shifted(ids, 4), shifted(ids[:6], 2)]
     ip.user_ns.update(tc=client, data=data, batches=[data])
-    assert service is not None
     return client
 
 
@@ -163,13 +161,41 @@ def test_rollouts_from_a_list(ip):
 
 
 def test_runs_and_checkpoints_use_the_rest_client(ip, training):
-    magics = ip.magics_manager.registry["TinkerMagics"]
-    if not hasattr(magics.session.service, "create_rest_client"):
-        with pytest.raises(UsageError, match="no RestClient yet"):
-            ip.run_line_magic("tinker", "runs")
-        return
     training.save_state("kx").result()
     runs = ip.run_line_magic("tinker", "runs")
     assert training.model_id in repr(runs)
     checkpoints = ip.run_line_magic("tinker", f"checkpoints {training.model_id}")
     assert "kx" in repr(checkpoints)
+
+
+def test_start_and_stop_the_embedded_server(ip, monkeypatch):
+    from kernel_ext.magics import TinkerMagics
+
+    monkeypatch.delenv("WORKBENCH_URL", raising=False)
+    magics = TinkerMagics(ip)  # its own session, so the module's connection stays as it is
+    service = magics.tinker("start --models tiny-qwen3")
+    assert service.local_server is not None and service.local_server.process.poll() is None
+    assert "True" in repr(magics.tinker("status"))  # embedded
+    message = magics.tinker("stop")
+    assert "stopped the embedded server" in repr(message)
+    assert service.local_server.process.poll() is not None
+    with pytest.raises(UsageError, match="not connected"):
+        magics.tinker("status")
+
+
+def test_inspect_a_conversation_through_a_renderer(ip, training):
+    from workbench.renderers import get_renderer
+
+    chat = [{"role": "user", "content": "What color is the sky?"},
+            {"role": "assistant", "content": "Blue."}]
+    ip.user_ns["chat"] = chat
+    view = ip.run_line_magic("tinker", "inspect chat --renderer qwen3 --client tc")
+    model_input, weights = get_renderer("qwen3", training.get_tokenizer()).build_supervised_example(chat)
+    rows = view.rows[0]
+    assert [r.id for r in rows] == model_input.to_ints()
+    assert [r.weight for r in rows[1:]] == [float(w) for w in weights[1:]]
+    assert "Blue." in "".join(r.text for r in rows if r.weight)
+    assert any(r.special for r in rows)  # the chat template's special tokens are marked
+    view.close()
+    with pytest.raises(UsageError, match="unknown renderer"):
+        ip.run_line_magic("tinker", "inspect chat --renderer nope --client tc")

@@ -163,6 +163,13 @@ def test_loss_curve_throttles_comm_messages_and_keeps_every_point(monkeypatch):
     updates = [m for m in RecordingComm.messages if m[0] == "comm_msg"]
     # Each redraw sends a small bounded group of messages, not one per result.
     assert 0 < len(updates) <= 8 * flushes, (len(updates), flushes)
+    # What reaches the browser carries the data (a grouping that swallowed plotly's message
+    # traits would send only their reset value, None, and the browser would draw nothing).
+    sent = [d["state"]["_py2js_update"] for t, d in RecordingComm.messages
+            if d and (d.get("state") or {}).get("_py2js_update")]
+    assert sent and sent[-1]["style_data"]["y"][0][-1] == pytest.approx(10.0 / n)
+    added = [d for t, d in RecordingComm.messages if d and (d.get("state") or {}).get("_py2js_addTraces")]
+    assert len(added) == 3
     raw, smooth, evals = curve.fig.data
     assert len(raw.y) == n and raw.y[-1] == pytest.approx(10.0 / n)
     assert smooth.y[-1] == pytest.approx(ema([10.0 / (i + 1) for i in range(n)], 0.5)[-1])

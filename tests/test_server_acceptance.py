@@ -141,7 +141,7 @@ def test_two_tenants_concurrently_get_the_weights_they_get_alone(server, alice, 
 
     def run(who: str, name: str) -> str:
         client = services[who].create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=11)
-        train(client, data[who], 4)
+        train(client, data[who], 3)
         return client.save_state(name).result(60).path
 
     alone = {who: run(who, f"alone-{who}") for who in "ab"}
@@ -332,3 +332,152 @@ def test_sixteen_clients_fifty_requests_each_resolve_exactly_once(server, tokeni
     for values in by_last_token.values():  # the same prompt gets the same answer everywhere
         np.testing.assert_allclose(values, values[0], rtol=1e-5)
     assert len({v[0] for v in by_last_token.values()}) > 1
+
+
+# ------------------------------------------------------------- robustness, sessions
+
+def _fuzz_messages(rng: np.random.Generator, key: str, run_id: str) -> list[list[bytes]]:
+    """>= 1,000 hostile messages: every category of damage the server must survive."""
+    import msgpack
+
+    def header(**fields) -> dict:
+        base = {"v": wire.PROTOCOL_VERSION, "id": uuid.uuid4().hex, "op": "ping", "key": key, "args": {}}
+        base.update(fields)
+        return base
+
+    def pack(obj) -> list[bytes]:
+        return [msgpack.packb(obj, use_bin_type=True)]
+
+    weird = [None, True, -1, 2**63 - 1, -(2**63), 1.5, float("nan"), "", "x" * 1000, b"\x00\xff",
+             [], [1, [2, [3]]], {}, {"a": {"b": {}}}]
+    ops = ["hello", "ping", "heartbeat", "forward", "forward_backward", "optim_step", "sample",
+           "compute_logprobs", "save_state", "load_state", "create_model", "create_sampling_session",
+           "get_tokenizer", "get_server_capabilities", "no_such_op", ""]
+    messages: list[list[bytes]] = []
+    for _ in range(150):  # random bytes, one or several frames
+        messages.append([rng.bytes(int(rng.integers(0, 200))) for _ in range(int(rng.integers(1, 4)))])
+    for _ in range(100):  # truncated valid requests
+        good = wire.encode(wire.request(uuid.uuid4().hex, "ping", key, {"x": list(range(20))}))[0]
+        messages.append([good[: int(rng.integers(0, len(good)))]])
+    for field in ("v", "id", "op", "key", "args"):  # wrong types in every header field
+        for value in weird:
+            messages.append(pack(header(**{field: value})))
+    for field in ("v", "id", "op", "key", "args"):  # missing fields
+        messages.append(pack({k: v for k, v in header().items() if k != field}))
+    for _ in range(100):  # deep nesting
+        nested: object = 1
+        for _ in range(int(rng.integers(50, 400))):
+            nested = [nested] if rng.random() < 0.5 else {"k": nested}
+        messages.append(pack(header(args={"deep": nested})))
+    for _ in range(150):  # broken array extensions
+        index = int(rng.integers(-2, 5))
+        dtype = str(rng.choice(["float32", "object", "int64", "<U3", "float128", ""]))
+        shape = [int(rng.integers(-3, 10))] if rng.random() < 0.7 else "bad"
+        ext = msgpack.ExtType(int(rng.choice([wire.ARRAY_EXT, 7, 99])),
+                              msgpack.packb([index, dtype, shape]) if rng.random() < 0.8 else rng.bytes(5))
+        body = msgpack.packb(header(op="forward", args={"model_id": run_id, "loss_fn": "cross_entropy",
+                                                        "data": [{"tokens": ext, "loss_fn_inputs": {}}]}),
+                             use_bin_type=True)
+        messages.append([body, *[rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(0, 3)))]])
+    for _ in range(450):  # known and unknown ops with wrong or random arguments
+        op = str(rng.choice(ops))
+        args = {name: weird[int(rng.integers(len(weird)))] for name in
+                rng.choice(["model_id", "sampler_id", "data", "loss_fn", "adam_params", "path", "name",
+                            "prompt", "base_model", "rank", "session_id", "from_state", "model_path",
+                            "sampling_params", "num_samples"], size=int(rng.integers(0, 5)))}
+        if rng.random() < 0.3:
+            args["model_id"] = run_id  # a real run, with junk next to it
+        messages.append(wire.encode(header(op=op, args=args)))
+    messages.append(pack(header(v=2**64 - 1)))  # huge ints
+    messages.append([msgpack.packb({"id": 1 << 62, "v": -(1 << 63)})])
+    return messages
+
+
+def test_fuzz_leaves_the_server_serving(server, alice, tokenizer):
+    run = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=12)
+    data = [datum(tokenizer, "before and after the storm")]
+    before = run.forward(data, "cross_entropy").result(60).metrics["loss:sum"]
+    messages = _fuzz_messages(np.random.default_rng(0), "key-a", run.model_id)
+    assert len(messages) >= 1000
+    raw = Raw(server.url, "key-a")
+    try:
+        replies = 0
+        for frames in messages:
+            raw.sock.send_multipart(frames)
+            while raw.sock.poll(0):
+                raw.sock.recv_multipart()
+                replies += 1
+        while raw.sock.poll(5000):
+            raw.sock.recv_multipart()
+            replies += 1
+        # Every message that carried a readable id was answered; the rest may be dropped.
+        assert replies >= 900, replies
+        assert raw.call("ping", {})["ok"] is True  # the same socket still works
+    finally:
+        raw.close()
+    assert server.process.poll() is None
+    assert run.forward(data, "cross_entropy").result(60).metrics["loss:sum"] == pytest.approx(before, rel=1e-6)
+    assert wb.ServiceClient(base_url=server.url, api_key="key-b").get_server_capabilities().supported_models
+
+
+def test_oversized_messages_get_an_error_or_are_dropped(server):
+    raw = Raw(server.url, "key-a")
+    try:
+        # 1.5 MiB in three frames, over the 1 MiB limit: a clear error, the id echoed.
+        big = {"x": np.zeros(2**17, np.float32), "y": np.zeros(2**17, np.float32), "z": np.zeros(2**17, np.float32)}
+        raw.sock.send_multipart(wire.encode(wire.request("too-big", "forward", "key-a", big)))
+        assert raw.sock.poll(10000)
+        reply = wire.decode(raw.sock.recv_multipart())
+        assert reply["id"] == "too-big" and reply["error"]["type"] == "ProtocolError"
+        assert "--max-message-mb" in reply["error"]["message"]
+        # One 3 MiB frame, over twice the limit: ZeroMQ drops the connection, which reconnects.
+        raw.sock.send_multipart(wire.encode(wire.request("huge", "forward", "key-a",
+                                                         {"x": np.zeros(3 * 2**18, np.float32)})))
+        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                reply = raw.call("ping", {}, timeout=1.0)
+                break
+            except AssertionError:
+                continue
+        assert reply["ok"] is True and reply["result"]["cycle"] >= 0
+    finally:
+        raw.close()
+    assert server.process.poll() is None
+
+
+def test_silent_session_is_parked_and_comes_back(server, alice, tokenizer):
+    events = Events(events_url(alice), b"session")
+    raw = Raw(server.url, "key-a")
+    session = "notebook-" + uuid.uuid4().hex[:6]
+    try:
+        assert raw.call("heartbeat", {})["error"]["where"] == "session_id"
+        beat = raw.call("heartbeat", {"session_id": session})
+        assert beat["ok"] and beat["result"]["timeout"] == SESSION_TIMEOUT
+        created = raw.call("create_model", {"base_model": "tiny-qwen3", "rank": 4, "seed": 13,
+                                            "session_id": session})
+        run_id = created["result"]["model_id"]
+        data = [wire.datum_to_wire(datum(tokenizer, "parked but not lost"))]
+        fb = {"model_id": run_id, "data": data, "loss_fn": "cross_entropy"}
+        assert raw.call("forward_backward", fb)["ok"]
+        assert raw.call("optim_step", {"model_id": run_id, "adam_params": {"learning_rate": 1e-2}})["ok"]
+        before = raw.call("forward", fb)["result"]["metrics"]["loss:sum"]
+        # Heartbeats keep it alive past the timeout ...
+        for _ in range(3):
+            time.sleep(SESSION_TIMEOUT / 2)
+            assert raw.call("heartbeat", {"session_id": session})["ok"]
+        assert not [e for e in events.seen if e["session"] == session]
+        events.collect(lambda seen: False, timeout=0.3)
+        assert not [e for e in events.seen if e["session"] == session]
+        # ... silence parks it ...
+        events.collect(lambda seen: any(e["session"] == session for e in seen), timeout=SESSION_TIMEOUT * 4)
+        parked = [e for e in events.seen if e["session"] == session]
+        assert parked and parked[0]["state"] == "parked" and parked[0]["runs"] == [run_id]
+        # ... and its next request brings it back with its state intact.
+        assert raw.call("forward", fb)["result"]["metrics"]["loss:sum"] == pytest.approx(before, rel=1e-6)
+        events.collect(lambda seen: any(e["state"] == "resumed" for e in seen if e["session"] == session))
+        assert [e["state"] for e in events.seen if e["session"] == session] == ["parked", "resumed"]
+    finally:
+        raw.close()
+        events.close()

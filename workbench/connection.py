@@ -54,6 +54,10 @@ class Connection:
         # Sessions (one per ServiceClient) to heartbeat; the I/O thread reads a copy.
         self._sessions: set[str] = set()
         self._heartbeats_on = True  # off for good once the server says it has no such op
+        self._heartbeat_s = HEARTBEAT_S  # shortened to a third of the server's session timeout
+        self.heartbeats_sent = 0
+        self._beat_now = False
+        self._next_heartbeat = 0.0  # monotonic time of the next beat (I/O thread)
         self._heartbeat_inflight: dict[str, str] = {}  # session id -> request id
         self._thread = threading.Thread(target=self._loop, name="workbench-io", daemon=True)
         self._thread.start()
@@ -91,7 +95,13 @@ class Connection:
         return future
 
     def add_session(self, session_id: str) -> None:
+        """Heartbeat this session from now on; the first beat goes out at once, and its
+        reply tells the interval the server needs (a third of its session timeout)."""
         self._sessions.add(session_id)
+        self._beat_now = True
+        with self._wake_lock:
+            if not self._closed:
+                self._wake_push.send(b"")
 
     def remove_session(self, session_id: str) -> None:
         self._sessions.discard(session_id)
@@ -118,13 +128,14 @@ class Connection:
         poller.register(dealer, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
         running = True
-        next_heartbeat = time.monotonic() + HEARTBEAT_S
+        self._next_heartbeat = time.monotonic() + self._heartbeat_s
         while running:
-            wait_ms = max(0.0, next_heartbeat - time.monotonic()) * 1000
+            wait_ms = max(0.0, self._next_heartbeat - time.monotonic()) * 1000
             ready = dict(poller.poll(wait_ms if self._heartbeats_on else None))
-            if self._heartbeats_on and time.monotonic() >= next_heartbeat:
+            if self._heartbeats_on and (self._beat_now or time.monotonic() >= self._next_heartbeat):
+                self._beat_now = False
                 self._send_heartbeats(dealer)
-                next_heartbeat = time.monotonic() + HEARTBEAT_S
+                self._next_heartbeat = time.monotonic() + self._heartbeat_s
             if self._wake_pull in ready:
                 while True:
                     try:
@@ -167,6 +178,7 @@ class Connection:
             future.add_done_callback(lambda f, sid=session_id, rid=request_id: self._on_heartbeat(f, sid, rid))
             self._pending[request_id] = future
             self._heartbeat_inflight[session_id] = request_id
+            self.heartbeats_sent += 1
             dealer.send_multipart(wire.encode(wire.request(
                 request_id, "heartbeat", self.api_key, {"session_id": session_id})), copy=False)
 
@@ -177,6 +189,12 @@ class Connection:
         # A server without the op: stop quietly, it simply does not track sessions.
         if isinstance(error, InvalidRequestError) and "unknown op" in error.message:
             self._heartbeats_on = False
+        elif error is None and isinstance(future.result(), dict):
+            timeout = future.result().get("timeout")
+            if isinstance(timeout, (int, float)) and timeout > 0:
+                # Three beats per timeout, so one lost beat never parks a live session.
+                self._heartbeat_s = min(HEARTBEAT_S, timeout / 3)
+                self._next_heartbeat = min(self._next_heartbeat, time.monotonic() + self._heartbeat_s)
 
     def _on_reply(self, frames: list) -> None:
         try:

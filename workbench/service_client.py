@@ -18,13 +18,13 @@ _connections: dict[tuple[str, str, int], Connection] = {}
 _connections_lock = threading.Lock()
 
 
-def connection_for(url: str, api_key: str) -> Connection:
+def connection_for(url: str, api_key: str, connect_timeout: float = 60.0) -> Connection:
     """One shared connection per (url, key) per process (re-made after a fork)."""
     key = (url, api_key, os.getpid())
     with _connections_lock:
         conn = _connections.get(key)
         if conn is None or conn._closed:
-            conn = Connection(url, api_key)
+            conn = Connection(url, api_key, connect_timeout)
             _connections[key] = conn
         return conn
 
@@ -35,9 +35,12 @@ class ServiceClient:
     The URL comes from `base_url` or WORKBENCH_URL; the key from `api_key` or
     WORKBENCH_API_KEY. With no URL at all, an embedded local server is started (loopback,
     random port and key, CUDA when present, built-in tiny models) and stopped at exit.
+    `connect_timeout`: seconds to wait for the server's first answer before saying it is
+    unreachable (and how to start one).
     """
 
-    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, **_: Any):
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 connect_timeout: float = 60.0, **_: Any):
         url = base_url or os.environ.get("WORKBENCH_URL")
         self.local_server = None
         if not url:
@@ -52,7 +55,7 @@ class ServiceClient:
                 "server was started with"
             )
         self.base_url = url
-        self._connection = connection_for(url, key)
+        self._connection = connection_for(url, key, connect_timeout)
         # One session per ServiceClient: the I/O thread heartbeats it while this object lives,
         # so the server can tell live sessions from abandoned ones.
         self.session_id = uuid.uuid4().hex

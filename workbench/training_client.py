@@ -92,7 +92,13 @@ class TrainingClient:
 
     def _forward(self, op, data, loss_fn, loss_fn_config) -> APIFuture[types.ForwardBackwardOutput]:
         data = [d if isinstance(d, types.Datum) else types.Datum.model_validate(d) for d in data]
-        validate_forward(data, loss_fn, loss_fn_config)
+        try:
+            validate_forward(data, loss_fn, loss_fn_config)
+        except InvalidRequestError as exc:
+            # Like every other failure, it surfaces from the future; nothing is sent.
+            failed: APIFuture[types.ForwardBackwardOutput] = APIFuture()
+            failed._set_exception(exc)
+            return failed
         args = {
             "model_id": self.model_id,
             "data": [wire.datum_to_wire(d) for d in data],

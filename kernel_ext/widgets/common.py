@@ -3,7 +3,7 @@
 Widgets are fed from background threads (the SDK's I/O thread calls listeners; the event
 stream has its own thread). Every update of a FigureWidget resends whole arrays to the
 browser, so widgets never redraw per event: they mark themselves dirty and a `Throttle`
-redraws at most a few times a second.
+redraws at most a few times a second, each redraw one plotly `batch_update()`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Fed by `TrainingClient.add_listener`: forward_backward results are training points (raw and
 smoothed), forward results are eval points. Redraws are throttled (at most 4 a second, one
-`hold_sync()` message group each) and long curves are downsampled to about 2k points.
+`batch_update()` message each) and long curves are downsampled to about 2k points.
 """
 
 from __future__ import annotations
@@ -108,8 +108,10 @@ class LossCurve:
         import plotly.graph_objects as go
 
         snapshot = self._snapshot()
-        # hold_sync groups this redraw's trait changes into one batch of messages.
-        with self.fig.hold_sync(), self.fig.batch_update():
+        # batch_update sends this redraw's changes as one update message. Not hold_sync():
+        # plotly passes each change through a message trait it sets and at once resets to
+        # None, and hold_sync would send only that final None (the browser saw no traces).
+        with self.fig.batch_update():
             for run, raw, smooth, evals in snapshot:
                 if run.traces is None:
                     first = len(self.fig.data)

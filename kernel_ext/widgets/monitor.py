@@ -80,7 +80,7 @@ class ServerMonitor:
         with self._lock:
             series = {name: downsample(self.cycles, self.values[name], self.max_points) for name in PANELS}
         self.header.value = self.header_html()
-        with self.fig.hold_sync(), self.fig.batch_update():
+        with self.fig.batch_update():
             for index, name in enumerate(PANELS):
                 self.fig.data[index].x, self.fig.data[index].y = series[name]
 

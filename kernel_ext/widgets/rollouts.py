@@ -166,7 +166,7 @@ class RolloutDashboard:
             groups = list(self.groups)
         self.summary.value = self.summary_html()
         self.body.value = "".join(self.group_html(g) for g in reversed(groups[-SHOWN_GROUPS:]))
-        with self.fig.hold_sync(), self.fig.batch_update():
+        with self.fig.batch_update():
             self.fig.data[0].x = [g.index for g in groups]
             self.fig.data[0].y = [g.mean_reward for g in groups]
             zero = [g for g in groups if g.zero_variance]

@@ -9,6 +9,7 @@ run under torch.distributed.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -55,9 +56,27 @@ class Adapter:
     pairs: dict[str, LoRAPair]  # module path -> weights
     trainable: bool
     optimizer: Optional[AdapterOptimizer] = None
+    resident: bool = True  # on the engine's device (else parked on the offload device)
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.lora_A, pair.lora_B)]
+
+    def move_to(self, device: torch.device) -> None:
+        """Move weights, gradients and AdamW moments, keeping every tensor's identity.
+
+        Assigning `.data` keeps the Parameter objects that the layers, the optimizer's param
+        group and its state dict refer to, so nothing has to be re-registered.
+        """
+        for t in self.parameters():
+            t.data = t.data.to(device)
+            if t.grad is not None:
+                t.grad.data = t.grad.data.to(device)
+        if self.optimizer is not None:
+            for state in self.optimizer.optimizer.state.values():
+                for key, value in state.items():
+                    # AdamW keeps its non-capturable `step` on the CPU; leave it there.
+                    if torch.is_tensor(value) and key != "step":
+                        state[key] = value.to(device)
 
 
 @dataclass
@@ -89,9 +108,18 @@ class Engine:
         token_budget: int = 4096,
         logprob_chunk: int = 1024,
         lora_impl: str = "auto",
+        max_resident_adapters: Optional[int] = None,
+        offload_device: str = "cpu",
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
-        matmul pair per adapter span) or "auto" (grouped where torch has it). Same results."""
+        matmul pair per adapter span) or "auto" (grouped where torch has it). Same results.
+
+        `max_resident_adapters`: beyond this many adapters on the device, the least recently
+        used ones (weights, gradients, AdamW state) move to `offload_device` until next used.
+        None = no limit. A single pass that needs more adapters keeps them all resident.
+        """
+        if max_resident_adapters is not None and max_resident_adapters < 1:
+            raise ValueError(f"max_resident_adapters must be >= 1 or None, got {max_resident_adapters}")
         self.device = resolve_device(device)
         self.token_budget = token_budget
         self.logprob_chunk = logprob_chunk
@@ -99,16 +127,35 @@ class Engine:
         self.bases: dict[str, BaseModel] = {}
         self.adapters: dict[str, Adapter] = {}
         self._next_slot = 0
+        self._slot_owner: dict[int, str] = {}
+        self.max_resident_adapters = max_resident_adapters
+        self.offload_device = torch.device(offload_device)
+        self._lru: OrderedDict[str, None] = OrderedDict()  # resident adapters, oldest first
+        self.offload_count = 0  # adapters moved to the offload device
+        self.restore_count = 0  # adapters brought back on use
 
     # ------------------------------------------------------------------ models
 
     def load_model(self, name: str) -> BaseModel:
         if name not in self.bases:
-            base = load_base_model(name, self.device)
+            self.bases[name] = load_base_model(name, self.device)
+            self.set_lora_impl(self.lora_impl)
+        return self.bases[name]
+
+    def register_model(self, base: BaseModel) -> BaseModel:
+        """Add an already wrapped model (see models.wrap_base_model) under base.name."""
+        if base.name in self.bases:
+            raise ValueError(f"a model named {base.name!r} is loaded already")
+        self.bases[base.name] = base
+        self.set_lora_impl(self.lora_impl)
+        return base
+
+    def set_lora_impl(self, impl: str) -> None:
+        """Switch every loaded model's LoRA math ("auto", "loop" or "grouped")."""
+        self.lora_impl = resolve_lora_impl(impl)
+        for base in self.bases.values():
             for layer in base.lora_layers.values():
                 layer.impl = self.lora_impl
-            self.bases[name] = base
-        return self.bases[name]
 
     def tokenizer_files(self, name: str) -> dict[str, bytes]:
         return tokenizer_files(self.load_model(name).tokenizer)
@@ -143,16 +190,60 @@ class Engine:
         for name, pair in pairs.items():
             base.lora_layers[name].add_adapter(slot, pair)
         self.adapters[adapter_id] = adapter
+        self._slot_owner[slot] = adapter_id
+        self._lru[adapter_id] = None
+        self._enforce_resident_limit(keep={adapter_id})
         return adapter
 
     def remove_adapter(self, adapter_id: str) -> None:
         adapter = self.adapters.pop(adapter_id)
+        self._slot_owner.pop(adapter.slot, None)
+        self._lru.pop(adapter_id, None)
         for name in adapter.pairs:
             self.bases[adapter.base].lora_layers[name].remove_adapter(adapter.slot)
+
+    # ----------------------------------------------------------------- offload
+
+    def resident_adapters(self) -> list[str]:
+        """Adapters on the compute device, least recently used first."""
+        return list(self._lru)
+
+    def park(self, adapter_id: str) -> None:
+        """Move an adapter (weights, grads, AdamW state) to the offload device now."""
+        adapter = self.adapter(adapter_id)
+        if adapter.resident:
+            adapter.move_to(self.offload_device)
+            adapter.resident = False
+            self._lru.pop(adapter_id, None)
+            self.offload_count += 1
+
+    def _use(self, adapter_ids) -> None:
+        """Bring the adapters a pass needs onto the device, then evict beyond the limit."""
+        needed = [a for a in dict.fromkeys(adapter_ids) if a is not None]
+        for adapter_id in needed:
+            adapter = self.adapters[adapter_id]
+            if not adapter.resident:
+                adapter.move_to(self.device)
+                adapter.resident = True
+                self.restore_count += 1
+            self._lru[adapter_id] = None
+            self._lru.move_to_end(adapter_id)
+        self._enforce_resident_limit(keep=set(needed))
+
+    def _enforce_resident_limit(self, keep: set) -> None:
+        limit = self.max_resident_adapters
+        if limit is None:
+            return
+        for adapter_id in list(self._lru):  # oldest first
+            if len(self._lru) <= limit:
+                break
+            if adapter_id not in keep:
+                self.park(adapter_id)
 
     def snapshot_adapter(self, adapter_id: str, snapshot_id: str) -> Adapter:
         """An immutable copy of an adapter's current weights, for sampling."""
         src = self.adapters[adapter_id]
+        self._use([adapter_id])
         pairs = {
             name: LoRAPair(p.lora_A.detach().clone(), p.lora_B.detach().clone(), p.scaling)
             for name, p in src.pairs.items()
@@ -247,6 +338,7 @@ class Engine:
                 valid.append(k)
             except EngineInputError as exc:
                 results[k] = exc
+        self._use(items[k].adapter_id for k in valid)
         by_base: dict[str, list[int]] = {}
         for k in valid:
             by_base.setdefault(self.adapters[items[k].adapter_id].base, []).append(k)
@@ -312,14 +404,46 @@ class Engine:
         adapter = self.adapter(adapter_id)
         if not adapter.trainable or adapter.optimizer is None:
             raise EngineInputError(f"adapter {adapter_id!r} is not trainable")
+        self._use([adapter_id])
         return adapter.optimizer.step(adam)
 
     # ---------------------------------------------------------------- sampling
 
     def sample(self, base_name: str, requests: list[SampleRequest]) -> list[list[SampleOutput]]:
+        """Generate for every request in one batch; each request's slot picks its adapter.
+
+        Raises EngineInputError (where = requests[i].<field>) before any compute when a
+        prompt is empty, holds a token outside the vocabulary, or prompt + max_tokens does
+        not fit the model's context.
+        """
         base = self.load_model(base_name)
+        for i, req in enumerate(requests):
+            self._check_sample_request(base, i, req)
+        self._use(self._slot_owner[r.slot] for r in requests if r.slot is not None)
         pad = base.tokenizer.pad_token_id
         return generate(base, requests, pad_id=int(pad) if pad is not None else 0)
+
+    def _check_sample_request(self, base: BaseModel, i: int, req: SampleRequest) -> None:
+        where = f"requests[{i}]"
+        if req.slot is not None and req.slot not in self._slot_owner:
+            raise EngineInputError(f"no adapter holds slot {req.slot}", f"{where}.model_id")
+        if req.slot is not None and self.adapters[self._slot_owner[req.slot]].base != base.name:
+            raise EngineInputError("the adapter belongs to another base model", f"{where}.model_id")
+        if not req.prompt:
+            raise EngineInputError("prompt is empty", f"{where}.prompt")
+        if min(req.prompt) < 0 or max(req.prompt) >= base.vocab_size:
+            raise EngineInputError(
+                f"prompt token outside the vocabulary [0, {base.vocab_size})", f"{where}.prompt"
+            )
+        if req.max_tokens < 1:
+            raise EngineInputError(f"max_tokens must be >= 1, got {req.max_tokens}", f"{where}.sampling_params.max_tokens")
+        if req.num_samples < 1:
+            raise EngineInputError(f"num_samples must be >= 1, got {req.num_samples}", f"{where}.num_samples")
+        if len(req.prompt) + req.max_tokens > base.max_length:
+            raise EngineInputError(
+                f"prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} exceeds the "
+                f"model's context of {base.max_length}", f"{where}.sampling_params.max_tokens",
+            )
 
     def prompt_logprobs(self, adapter_id: Optional[str], base_name: str, prompts: list[np.ndarray]) -> list[list[Optional[float]]]:
         """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] for each prompt."""
@@ -336,6 +460,7 @@ class Engine:
         if items:
             item = ForwardItem(adapter_id, items, "cross_entropy")
             self.validate(item, base_name)
+            self._use([adapter_id])
             result = self._packed_pass(base, [item], backward=False)[0]
             for p, lp in zip(spots, result.logprobs):
                 out[p] = [None, *lp.astype(np.float64).tolist()]
@@ -347,6 +472,7 @@ class Engine:
         """(state dict with PEFT's saved key names, adapter_config.json contents)."""
         adapter = self.adapter(adapter_id)
         base = self.bases[adapter.base]
+        self._use([adapter_id])
         tensors = {}
         for name, pair in adapter.pairs.items():
             prefix = f"base_model.model.{name}"
@@ -373,6 +499,7 @@ class Engine:
 
     def optimizer_state(self, adapter_id: str) -> Optional[dict]:
         adapter = self.adapter(adapter_id)
+        self._use([adapter_id])
         return adapter.optimizer.state_dict() if adapter.optimizer else None
 
     def import_adapter(

@@ -102,6 +102,12 @@ def load_base_model(name: str, device: torch.device, dtype: Optional[torch.dtype
             source, dtype=dtype, attn_implementation="sdpa", **kwargs
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return wrap_base_model(name, model, tokenizer, device, dtype)
+
+
+def wrap_base_model(name: str, model: nn.Module, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> BaseModel:
+    """Freeze a loaded causal LM and put multi-LoRA layers in place (benchmarks use it
+    directly for random-init models built from a config)."""
     model.eval()
     model.requires_grad_(False)
     layers = wrap_linear_layers(model)

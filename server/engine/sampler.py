@@ -58,7 +58,16 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) -> list[list[SampleOutput]]:
+def generate(
+    base: BaseModel, requests: list[SampleRequest], pad_id: int = 0, compact: bool = True
+) -> list[list[SampleOutput]]:
+    """Decode all requests' rows together; see the module docstring.
+
+    `compact=True` drops finished rows from the decode batch and the KV cache, so they stop
+    costing compute. Results do not depend on it: every request draws one uniform per sample
+    per step from its own generator whether or not that sample is still running, and rows
+    never see each other (the switch exists so tests can check exactly that).
+    """
     if not requests:
         return []
     device = base.device
@@ -82,10 +91,6 @@ def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) ->
         g = torch.Generator(device=device)
         g.manual_seed(int(req.seed))
         generators[r_i] = g
-    # Rows of one request are contiguous after the stable sort; sample them as one block.
-    blocks: dict[int, list[int]] = {}
-    for i, (r, _) in enumerate(rows):
-        blocks.setdefault(r, []).append(i)
 
     max_new = max(requests[r].max_tokens for r, _ in rows)
     out_tokens: list[list[int]] = [[] for _ in rows]
@@ -93,10 +98,11 @@ def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) ->
     stop_reason: list[Optional[str]] = [None] * n_rows
     tokenizer = base.tokenizer
 
+    alive = list(range(n_rows))  # the original row of each row in the decode batch, in order
     routing = LoRARouting(base.lora_layers, spans_for_rows(row_slots), per_row=True)
     cache = None
     step_ids = input_ids
-    for step in range(max_new):
+    for _ in range(max_new):
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
         with routing:
             out = base.model(
@@ -108,29 +114,17 @@ def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) ->
                 logits_to_keep=1,
             )
         cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()  # [rows, V]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        next_tokens = torch.empty(n_rows, dtype=torch.long, device=device)
-        for r, idx in blocks.items():
-            req = requests[r]
-            idx_t = torch.tensor(idx, device=device)
-            block = logits[idx_t]
-            if req.temperature <= 0:
-                choice = block.argmax(-1)
-            else:
-                filtered = _filter_logits(block / req.temperature, req.top_k, req.top_p)
-                probs = torch.softmax(filtered, dim=-1)
-                choice = torch.multinomial(probs, 1, generator=generators[r])[:, 0]
-            next_tokens[idx_t] = choice
-        chosen_lp = logprobs.gather(-1, next_tokens[:, None])[:, 0].tolist()
+        logits = out.logits[:, -1, :].float()  # [alive, V]
+        next_tokens = _choose(logits, [rows[i] for i in alive], requests, generators)
+        chosen_lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tokens[:, None])[:, 0].tolist()
         next_list = next_tokens.tolist()
-        for i, (r, _) in enumerate(rows):
+        for b, i in enumerate(alive):
             if stop_reason[i] is not None:
                 continue
-            req = requests[r]
-            out_tokens[i].append(next_list[i])
-            out_logprobs[i].append(chosen_lp[i])
-            if next_list[i] in req.stop_token_ids:
+            req = requests[rows[i][0]]
+            out_tokens[i].append(next_list[b])
+            out_logprobs[i].append(chosen_lp[b])
+            if next_list[b] in req.stop_token_ids:
                 stop_reason[i] = "stop"
             elif req.stop_strings and _ends_with_stop(tokenizer, out_tokens[i], req.stop_strings):
                 stop_reason[i] = "stop"
@@ -139,12 +133,55 @@ def generate(base: BaseModel, requests: list[SampleRequest], pad_id: int = 0) ->
         if all(reason is not None for reason in stop_reason):
             break
         step_ids = next_tokens[:, None]
-        attention = torch.cat([attention, attention.new_ones(n_rows, 1)], dim=1)
+        attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)
+        keep = [b for b, i in enumerate(alive) if stop_reason[i] is None]
+        if compact and len(keep) < len(alive):
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(keep_t)
+            step_ids, attention = step_ids[keep_t], attention[keep_t]
+            alive = [alive[b] for b in keep]
+            routing.spans = tuple(spans_for_rows([row_slots[i] for i in alive]))
 
     results: list[list[SampleOutput]] = [[None] * req.num_samples for req in requests]  # type: ignore[list-item]
     for i, (r, s) in enumerate(rows):
         results[r][s] = SampleOutput(out_tokens[i], out_logprobs[i], stop_reason[i] or "length")
     return results
+
+
+def _choose(
+    logits: torch.Tensor,
+    batch_rows: list[tuple[int, int]],
+    requests: list[SampleRequest],
+    generators: dict[int, torch.Generator],
+) -> torch.Tensor:
+    """Next token of every row in the batch; rows are (request, sample) pairs.
+
+    Sampling is by inverse CDF with one uniform per sample of the request, drawn for all of
+    its samples every step, so a row's draw does not depend on which rows are still running.
+    """
+    device = logits.device
+    blocks: dict[int, tuple[list[int], list[int]]] = {}  # request -> (batch rows, sample ids)
+    for b, (r, s) in enumerate(batch_rows):
+        pos, samples = blocks.setdefault(r, ([], []))
+        pos.append(b)
+        samples.append(s)
+    next_tokens = torch.empty(len(batch_rows), dtype=torch.long, device=device)
+    for r, (pos, samples) in blocks.items():
+        req = requests[r]
+        pos_t = torch.tensor(pos, device=device)
+        block = logits[pos_t]  # [n, V]
+        if req.temperature <= 0:
+            choice = block.argmax(-1)
+        else:
+            filtered = _filter_logits(block / req.temperature, req.top_k, req.top_p)
+            cdf = torch.softmax(filtered, dim=-1).cumsum(-1)  # [n, V]
+            u = torch.rand(req.num_samples, generator=generators[r], device=device)
+            u = u[torch.tensor(samples, device=device)]
+            # right=True picks the first token whose cdf exceeds u: never a zero-mass token.
+            target = (u * cdf[:, -1])[:, None]
+            choice = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=block.shape[-1] - 1)
+        next_tokens[pos_t] = choice
+    return next_tokens
 
 
 def _ends_with_stop(tokenizer, tokens: list[int], stop_strings: list[str]) -> bool:

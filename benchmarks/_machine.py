@@ -1,0 +1,113 @@
+"""Shared helpers of the benchmark scripts: the machine they ran on, model shapes, timing.
+
+Every script prints JSON lines; each line carries `machine` (hostname, CPU count, torch
+version, device and GPU name, dtype) so figures are never quoted without their hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+# Public Qwen3 configs (hf.co/Qwen/Qwen3-0.6B, Qwen3-1.7B config.json); random init, no download.
+QWEN3_SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+}
+MODELS = ("tiny-qwen3", *QWEN3_SHAPES)
+# Dense bf16 peak FLOP/s for MFU; devices not listed (and CPUs) report MFU as null.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+def machine(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "gpu": gpu,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    """(random-init causal LM, tokenizer) of the given shape; the tiny tokenizer serves all."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from server import tiny
+
+    tokenizer = tiny.load_tiny_tokenizer("tiny-qwen3")
+    if name == "tiny-qwen3":
+        return tiny.build_tiny_model(name, dtype=dtype, device=str(device)), tokenizer
+    if name not in QWEN3_SHAPES:
+        raise SystemExit(f"--model must be one of {', '.join(MODELS)}")
+    config = Qwen3Config(vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True,
+                         attn_implementation="sdpa", **QWEN3_SHAPES[name])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model, tokenizer
+
+
+def engine_with_model(name: str, device: torch.device, dtype: torch.dtype, **engine_kwargs):
+    from server.engine.engine import Engine
+    from server.engine.models import wrap_base_model
+
+    engine = Engine(device=str(device), **engine_kwargs)
+    model, tokenizer = build_model(name, device, dtype)
+    engine.register_model(wrap_base_model(name, model, tokenizer, device, dtype))
+    return engine
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,220 @@
+"""The engine's batched paths agree with their references (fp32, CPU).
+
+* grouped LoRA math (one torch._grouped_mm per factor) == the per-adapter loop;
+* adapter offload beyond a resident limit is invisible in the results;
+* the sampler's dropping of finished rows changes nothing; its own input checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from server.engine.engine import AdapterConfig, Engine, EngineDatum, EngineInputError, ForwardItem, ForwardResult
+from server.engine.lora import MultiLoRALinear, init_lora_pair
+from server.engine.sampler import SampleRequest, generate
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+QWEN = "tiny-qwen3"
+ADAM = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine(device="cpu")
+    e.load_model(QWEN)
+    return e
+
+
+def datum(rng, n):
+    tokens = rng.integers(0, 4000, n + 1)
+    return EngineDatum(tokens[:-1].copy(), {
+        "target_tokens": tokens[1:].copy(), "weights": rng.uniform(-1, 1, n).astype(np.float32)})
+
+
+def make_adapter(engine, **cfg):
+    aid = f"b-{next(_ids)}"
+    ad = engine.create_adapter(aid, QWEN, AdapterConfig(**cfg))
+    g = torch.Generator().manual_seed(cfg.get("seed", 0) + 1000)
+    with torch.no_grad():  # PEFT init has B = 0, which would make lora_A's grads 0
+        for pair in ad.pairs.values():
+            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
+    return aid, ad
+
+
+def grads(ad):
+    return [p.grad.detach().clone() for p in ad.parameters()]
+
+
+def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(torch.nn.Linear(24, 40, bias=False).requires_grad_(False), "x", "attn")
+    g = torch.Generator().manual_seed(1)
+    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 20.0)]):
+        pair = init_lora_pair(24, 40, rank, alpha, g, torch.device("cpu"))
+        with torch.no_grad():
+            pair.lora_B.normal_(generator=g)
+        layer.add_adapter(slot, pair)
+    x = torch.randn(2, 15, 24)
+    # gaps (base-only tokens), an unordered span list, a slot this layer lacks, an empty span
+    cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)], [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (0, 29, 29)]]
+    for spans in cases:
+        outs, grad_sets = [], []
+        for impl in ("loop", "grouped"):
+            layer.impl = impl
+            xi = x.clone().requires_grad_(True)
+            y = layer.forward_spans(xi, spans)
+            y.sum().backward()  # an expanded (stride 0) gradient, which grouped mm must accept
+            outs.append(y.detach())
+            grad_sets.append([xi.grad] + [t.grad.clone() for p in layer.adapters.values() for t in (p.lora_A, p.lora_B)])
+            for p in layer.adapters.values():
+                p.lora_A.grad = p.lora_B.grad = None
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+        assert (outs[0] != layer.base(x)).any()  # the adapters did something
+        for a, b in zip(grad_sets[1], grad_sets[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_engine_pass_equals_loop_pass(engine):
+    rng = np.random.default_rng(0)
+    adapters = [
+        make_adapter(engine, rank=2, seed=1, train_mlp=False),
+        make_adapter(engine, rank=8, alpha=4.0, seed=2),
+        make_adapter(engine, rank=4, seed=3, train_attn=False, train_unembed=False),
+    ]
+    items = [ForwardItem(aid, [datum(rng, n) for n in (7, 12)]) for aid, _ in adapters]
+    results = {}
+    for impl in ("loop", "grouped"):
+        engine.set_lora_impl(impl)
+        res = engine.forward(items, backward=True)
+        results[impl] = (res, [grads(ad) for _, ad in adapters])
+        for _, ad in adapters:
+            ad.optimizer.zero_grad()
+    engine.set_lora_impl("auto")
+    (loop_res, loop_grads), (grp_res, grp_grads) = results["loop"], results["grouped"]
+    for a, b in zip(grp_res, loop_res):
+        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
+    for ga, gb in zip(grp_grads, loop_grads):
+        for a, b in zip(ga, gb):
+            assert b.norm() > 0
+            assert float((a - b).norm() / b.norm()) <= 1e-5
+
+
+def test_grouped_sampling_equals_loop_sampling(engine):
+    (aid_a, ad_a), (aid_b, ad_b) = make_adapter(engine, rank=4, seed=7), make_adapter(engine, rank=2, seed=8)
+    reqs = [
+        SampleRequest(ad_a.slot, [5, 6, 7], 2, 6, temperature=1.0, seed=1),
+        SampleRequest(None, [9, 10], 1, 6, temperature=0.0),
+        SampleRequest(ad_b.slot, [11, 12, 13, 14], 2, 6, temperature=0.7, seed=2),
+    ]
+    outs = {}
+    for impl in ("loop", "grouped"):
+        engine.set_lora_impl(impl)
+        outs[impl] = engine.sample(QWEN, reqs)
+    engine.set_lora_impl("auto")
+    for ra, rb in zip(outs["grouped"], outs["loop"]):
+        for a, b in zip(ra, rb):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- offload
+
+
+def train_round_robin(engine, steps):
+    rng = np.random.default_rng(5)
+    ids = []
+    for k in range(4):
+        aid = f"rr-{k}"
+        engine.create_adapter(aid, QWEN, AdapterConfig(rank=4, seed=40 + k))
+        ids.append(aid)
+    for _ in range(steps):
+        for aid in ids:
+            (res,) = engine.forward([ForwardItem(aid, [datum(rng, 9), datum(rng, 6)])], backward=True)
+            assert isinstance(res, ForwardResult)
+            engine.optim_step(aid, ADAM)
+    # one shared pass of all four: more than the limit must still work (all resident for it)
+    items = [ForwardItem(aid, [datum(rng, 5)]) for aid in ids]
+    assert all(isinstance(r, ForwardResult) for r in engine.forward(items, backward=True))
+    for aid in ids:
+        engine.optim_step(aid, ADAM)
+    return ids
+
+
+def test_offload_beyond_resident_limit_is_invisible(engine):
+    limited = Engine(device="cpu", max_resident_adapters=2)
+    ids = train_round_robin(limited, steps=3)
+    reference = Engine(device="cpu")
+    train_round_robin(reference, steps=3)
+    assert limited.offload_count > 0 and limited.restore_count > 0
+    assert reference.offload_count == 0
+    assert len(limited.resident_adapters()) <= len(ids)
+    for aid in ids:
+        got, want = limited.export_adapter(aid)[0], reference.export_adapter(aid)[0]
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        opt_got = limited.optimizer_state(aid)["optimizer"]["state"]
+        opt_want = reference.optimizer_state(aid)["optimizer"]["state"]
+        for k in opt_want:
+            assert torch.equal(opt_got[k]["exp_avg_sq"], opt_want[k]["exp_avg_sq"])
+    assert len(limited.resident_adapters()) <= 2
+
+    before = limited.offload_count
+    aid = limited.resident_adapters()[-1]
+    limited.park(aid)
+    assert aid not in limited.resident_adapters() and limited.offload_count == before + 1
+    assert not limited.adapters[aid].resident
+    restores = limited.restore_count
+    rng = np.random.default_rng(9)
+    item = ForwardItem(aid, [datum(rng, 6)])
+    lp_parked = limited.forward([item], backward=False)[0].logprobs[0]
+    assert limited.restore_count == restores + 1 and aid in limited.resident_adapters()
+    np.testing.assert_array_equal(lp_parked, reference.forward([item], backward=False)[0].logprobs[0])
+
+
+# ------------------------------------------------------------------------------- sampler
+
+
+def test_dropping_finished_rows_changes_nothing(engine):
+    aid, ad = make_adapter(engine, rank=4, seed=21)
+    base = engine.bases[QWEN]
+    # Stop tokens that are common under this random model make rows stop at mixed lengths.
+    probe = engine.sample(QWEN, [SampleRequest(ad.slot, [1, 2, 3], 6, 12, temperature=1.0, seed=3)])[0]
+    common = sorted({t for o in probe for t in o.tokens[:4]})[:6]
+    reqs = [
+        SampleRequest(ad.slot, [1, 2, 3], 6, 12, temperature=1.0, seed=3, stop_token_ids=common),
+        SampleRequest(None, [4, 5], 3, 9, temperature=0.0),
+        SampleRequest(ad.slot, [6, 7, 8, 9], 3, 5, temperature=0.8, top_k=50, seed=4),
+    ]
+    compact = generate(base, reqs, compact=True)
+    full = generate(base, reqs, compact=False)
+    lengths = {len(o.tokens) for r in compact for o in r}
+    assert len(lengths) >= 3, lengths  # the case really mixes stop lengths
+    assert any(o.stop_reason == "stop" for o in compact[0])
+    for rc, rf in zip(compact, full):
+        for a, b in zip(rc, rf):
+            assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("req,where", [
+    (SampleRequest(None, list(range(2000)), 1, 49), "requests[1].sampling_params.max_tokens"),
+    (SampleRequest(None, [], 1, 4), "requests[1].prompt"),
+    (SampleRequest(None, [1, 4096], 1, 4), "requests[1].prompt"),
+    (SampleRequest(None, [1, 2], 1, 0), "requests[1].sampling_params.max_tokens"),
+    (SampleRequest(12345, [1, 2], 1, 4), "requests[1].model_id"),
+])
+def test_sample_rejects_bad_requests_before_compute(engine, req, where):
+    good = SampleRequest(None, [1, 2, 3], 1, 4)
+    with pytest.raises(EngineInputError) as info:
+        engine.sample(QWEN, [good, req])
+    assert info.value.where == where
+    # the limit is inclusive: prompt + max_tokens == context is fine
+    assert len(engine.sample(QWEN, [SampleRequest(None, [1] * 2046, 1, 2, temperature=0.0)])[0][0].tokens) == 2

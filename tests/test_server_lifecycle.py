@@ -1,0 +1,136 @@
+"""Server lifecycle over real processes: SIGTERM saves every run, kill -9 + restart resumes
+from the store to the very weights of a run that never stopped, and an exposed bind warns."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import workbench as wb
+from workbench import types
+
+from conftest import start_server
+from server.store import Store
+
+ADAM = types.AdamParams(learning_rate=1e-2, weight_decay=0.01)
+
+
+def batch(seed: int) -> list[types.Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(2):
+        ids = rng.integers(1, 500, size=12).tolist()
+        out.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                               loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(11)}))
+    return out
+
+
+def step(client, seed: int) -> None:
+    client.forward_backward(batch(seed), "cross_entropy")
+    client.optim_step(ADAM).result(60)
+
+
+def weights(store: Path, uri: str) -> dict[str, np.ndarray]:
+    run_id, kind, name = uri[len("wb://"):].split("/")
+    return load_file(str(store / "runs" / run_id / kind / name / "adapter_model.safetensors"))
+
+
+def test_sigterm_saves_every_run_and_exits_zero(tmp_path):
+    server = start_server(tmp_path, "--models", "tiny-qwen3")
+    store = tmp_path / "store"
+    try:
+        service = wb.ServiceClient(base_url=server.url, api_key=server.api_key)
+        runs = [service.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=s) for s in (1, 2)]
+        for client in runs:
+            step(client, 0)
+        expected = {c.model_id: c.save_weights_for_sampler("live").result(60).path for c in runs}
+        pending = runs[0].forward(batch(1), "cross_entropy")  # in flight or queued at SIGTERM
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        try:
+            pending.result(30)  # ran in the last cycle ...
+        except wb.WorkbenchError as exc:
+            assert "shutting down" in str(exc)  # ... or was answered, never left hanging
+    finally:
+        server.stop()
+    for run_id, live in expected.items():
+        saved = f"wb://{run_id}/weights/autosave-shutdown"
+        folder = store / "runs" / run_id / "weights" / "autosave-shutdown"
+        assert (folder / "optimizer.safetensors").exists()
+        got, want = weights(store, saved), weights(store, live)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_kill_9_then_restart_resumes_to_the_same_weights(tmp_path):
+    store = tmp_path / "store"
+    first = start_server(tmp_path, "--models", "tiny-qwen3")
+    try:
+        service = wb.ServiceClient(base_url=first.url, api_key=first.api_key)
+        client = service.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=7)
+        for s in range(2):
+            step(client, s)
+        resume_from = client.save_state("step-2").result(60).path
+        for s in range(2, 4):  # the run that never stops
+            step(client, s)
+        reference = client.save_state("step-4").result(60).path
+        os.killpg(first.pid, signal.SIGKILL)
+        first.process.wait(30)
+    finally:
+        first.stop()
+
+    second = start_server(tmp_path, "--models", "tiny-qwen3")
+    try:
+        service = wb.ServiceClient(base_url=second.url, api_key=second.api_key)
+        resumed = service.create_training_client_from_state_with_optimizer(resume_from)
+        for s in range(2, 4):
+            step(resumed, s)
+        path = resumed.save_state("step-4").result(60).path
+        # An old run id is gone from memory after the restart, but its checkpoints are not.
+        sampler = service.create_sampling_client(model_path=reference)
+        assert sampler.compute_logprobs(types.ModelInput.from_ints([1, 2, 3])).result(60)[1] < 0
+    finally:
+        second.stop(timeout=30)
+    want, got = weights(store, reference), weights(store, path)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    listed = Store(store)
+    run_ids = {r["run_id"] for r in listed.list_runs("default")}
+    old_run = client.model_id
+    assert {old_run, resumed.model_id} <= run_ids
+    names = {c["checkpoint_id"] for c in listed.list_checkpoints(old_run, "default")}
+    assert {"weights/step-2", "weights/step-4"} <= names
+    # The restart did not autosave over the killed server's state: kill -9 saves nothing.
+    assert "weights/autosave-shutdown" not in names
+
+
+def test_exposed_bind_without_keys_warns_loudly(tmp_path, capsys):
+    env = {**os.environ, "WORKBENCH_API_KEY": "k"}
+    cmd = [sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+           "--store", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().startswith("workbench-server ready url=")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "WARNING" in err and "0.0.0.0" in err and "--api-key" in err, err
+    # The same check, in-process, for the binds that must stay quiet.
+    from server.__main__ import build_parser, warn_if_exposed
+
+    for argv in (["--host", "127.0.0.1"], ["--host", "localhost"],
+                 ["--host", "0.0.0.0", "--api-key", "explicit"], ["--host", "::", "--api-keys", "f.json"]):
+        args = build_parser().parse_args(argv)
+        warn_if_exposed(args.host, args)
+        assert capsys.readouterr().err == "", argv
+    warn_if_exposed("::", build_parser().parse_args(["--host", "::"]))
+    assert "WARNING" in capsys.readouterr().err
