@@ -72,8 +72,8 @@ class Frontend:
         self.on_park, self.on_unpark = on_park, on_unpark
         self.max_rank = max_rank
         self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
-        # Sessions live on the I/O thread, except run -> session, which create_model's reply
-        # (engine thread) fills; hence the lock.
+        # Sessions live on the I/O thread, except that replies (on the engine thread) record
+        # new runs and signs of life; hence the lock around the dicts.
         self._seen: dict[tuple[str, str], float] = {}  # (tenant, session) -> last sign of life
         self._parked: set[tuple[str, str]] = set()
         self._session_runs: dict[tuple[str, str], list[str]] = {}
@@ -109,7 +109,10 @@ class Frontend:
                 self._wake_push = self.ctx.socket(zmq.PUSH)
                 self._wake_push.setsockopt(zmq.LINGER, 0)
                 self._wake_push.connect(_WAKE_ADDR)
-            self._wake_push.send(b"", zmq.NOBLOCK)
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the pipe is full of wake-ups already: the I/O thread will look anyway
 
     def publish(self, topic: str, event: dict) -> None:
         """Queue an event for the PUB socket (thread-safe)."""

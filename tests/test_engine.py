@@ -718,6 +718,14 @@ def _bad_cases():
         d.inputs["weights"][1] = np.nan
         return d
 
+    def inf_advantage(rng):
+        s = rand_seq(rng, 8)
+        return datum(s, False, logprobs=np.full(7, -8.0), advantages=np.array([1, 1, np.inf, 1, 1, 1, 1]))
+
+    def nan_logprob(rng):
+        s = rand_seq(rng, 8)
+        return datum(s, False, logprobs=np.array([-8, np.nan, -8, -8, -8, -8, -8]), advantages=np.ones(7))
+
     def missing_advantages(rng):
         s = rand_seq(rng, 8)
         return datum(s, False, logprobs=np.zeros(7))
@@ -749,6 +757,8 @@ def _bad_cases():
         ("length_mismatch", with_bad_datum(length_mismatch), "data[1].loss_fn_inputs.weights", "shape"),
         ("nan_weight", with_bad_datum(nan_weight), "data[1].loss_fn_inputs.weights", "NaN"),
         ("unknown_loss", whole_item("cross_entropee", {}), "loss_fn", "unknown"),
+        ("inf_advantage", ppo_item(inf_advantage), "data[1].loss_fn_inputs.advantages", "inf"),
+        ("nan_logprob", ppo_item(nan_logprob), "data[1].loss_fn_inputs.logprobs", "NaN"),
         ("missing_advantages", ppo_item(missing_advantages), "data[1].loss_fn_inputs.advantages", "advantages"),
         ("dro_without_beta", whole_item("dro", {}), "loss_fn_config", "beta"),
         ("unknown_config_key", whole_item("ppo", {"clip_ratio": 0.2}), "loss_fn_config", "clip_ratio"),
@@ -795,7 +805,9 @@ def test_bad_item_fails_alone_in_a_batch(engine):
     bad_vocab.tokens[2] = VOCAB
     bad_nan = _good(rng)
     bad_nan.inputs["weights"][0] = np.nan
+    too_long = datum(rand_seq(rng, 2050))
     items = [
+        ForwardItem(id_b, [too_long]),  # longer than the context: fails alone, before compute
         ForwardItem(id_b, [_good(rng), bad_vocab]),  # another adapter's bad item
         good,
         ForwardItem(id_a, [_good(rng), bad_nan]),  # a bad item of the same adapter
@@ -803,7 +815,9 @@ def test_bad_item_fails_alone_in_a_batch(engine):
         ForwardItem(id_b, [_good(rng)], "dro", {}),
         ForwardItem(None, [_good(rng)]),  # forward needs an adapter (no base to run it on)
     ]
-    results = engine.forward(items, backward=True)
+    too_long_result, *results = engine.forward(items, backward=True)
+    assert isinstance(too_long_result, EngineInputError) and too_long_result.where == "data[0].model_input"
+    assert "context" in str(too_long_result)
     assert isinstance(results[0], EngineInputError) and results[0].where == "data[1].model_input"
     assert isinstance(results[2], EngineInputError) and results[2].where == "data[1].loss_fn_inputs.weights"
     assert isinstance(results[3], EngineInputError)

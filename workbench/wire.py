@@ -27,7 +27,7 @@ Ops (args -> result; arrays are numpy on both sides):
     get_server_capabilities  {}                               -> GetServerCapabilitiesResponse
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
-                              user_metadata}                  -> {model_id}
+                              user_metadata, session_id}      -> {model_id}
     get_info                 {model_id}                       -> GetInfoResponse
     forward / forward_backward
                              {model_id, data: [datum], loss_fn, loss_fn_config}
@@ -41,8 +41,9 @@ Ops (args -> result; arrays are numpy on both sides):
                               include_prompt_logprobs, topk_prompt_logprobs}
                                                               -> SampleResponse
     compute_logprobs         {sampler_id, prompt}             -> {logprobs}
-    heartbeat                {session_id}                     -> {} (every few seconds per
-                                                                 ServiceClient)
+    heartbeat                {session_id}                     -> {session_id, timeout} (per
+                                                                 ServiceClient, every third
+                                                                 of the timeout, at most 5 s)
     list_training_runs       {limit, offset}                  -> TrainingRunsResponse
     get_training_run         {run_id}                         -> TrainingRun
     list_checkpoints         {run_id}                         -> CheckpointsListResponse

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from ..rl.advantages import add_kl_penalty, compute_advantages, remove_constant_reward_groups
 from ..rl.data_processing import assemble_training_data, loss_datums, loss_fn_config
 from ..rl.problem_env import ProblemDataset
 from ..rl.rollouts import do_group_rollouts, rollout_metrics
+from ..rl.types import RLDataset
 from ..types import AdamParams, SamplingParams
 from . import common
 
@@ -45,13 +46,18 @@ class Config(common.BaseConfig):
     async_off_by_one: bool = False  # sample batch i+1 while training on batch i
 
 
-def main(config: Config) -> common.RecipeResult:
+def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeResult:
+    """Run the loop. `dataset` (at least n_steps batches) replaces the default: ProblemEnvs
+    on the training split of config.task, groups_per_batch x group_size per batch."""
     service = common.make_service(config)
     training, start = common.make_training_client(service, config)
-    renderer = common.make_renderer(training, config)
-    train, _ = common.task_split(config)
-    dataset = ProblemDataset(train, renderer, config.groups_per_batch, config.group_size,
-                             n_batches=config.n_steps, seed=config.seed, tag=config.task)
+    if dataset is None:
+        train, _ = common.task_split(config)
+        dataset = ProblemDataset(train, common.make_renderer(training, config), config.groups_per_batch,
+                                 config.group_size, n_batches=config.n_steps, seed=config.seed,
+                                 tag=config.task)
+    if len(dataset) < config.n_steps:
+        raise ValueError(f"the dataset has {len(dataset)} batches, fewer than n_steps={config.n_steps}")
     params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature)
     base = service.create_sampling_client(base_model=training.base_model) if config.kl_coef else None
     log = common.MetricsLog(config.log_dir, config)
