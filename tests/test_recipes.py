@@ -126,7 +126,10 @@ def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one):
     start, end = mean(rows[:2], "env/reward_mean"), mean(rows[-2:], "env/reward_mean")
     assert 0.3 < start < 0.7, start  # near chance
     assert end > start + 0.2, (start, end)  # measured: about 0.5 -> 0.9
-    assert all("train/constant_groups_dropped" in r and "kl/sampler_reference" in r for r in rows)
+    print("rl reward per step", loss_fn, [round(r["env/reward_mean"], 3) for r in rows])
+    assert all("train/constant_groups_dropped" in r for r in rows)
+    # The KL penalty's figure is there whenever something was trained on.
+    assert all("kl/sampler_reference" in r for r in rows if r["train/datums"])
 
 
 # ---------------------------------------------------------------------------- DPO
