@@ -247,6 +247,7 @@ class TinkerMagics(Magics):
         self.session = Session()
         if service is None:
             return TextView("<i>not connected</i>", "not connected")
+        service.close()
         if embedded and service.local_server is not None:
             service.local_server.stop()
             msg = f"stopped the embedded server at {service.base_url}"

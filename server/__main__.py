@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
         scheduler.wake()
         engine_thread.join()  # the cycle under way finishes and replies
-        for work in scheduler.drain():
+        for work in scheduler.close():
             finish(work, error=ServerError("the server is shutting down; this request was not run"))
         saved = autosave(runner, log)
         log(f"saved {len(saved)} training run(s) as wb://<run_id>/weights/{AUTOSAVE_NAME}")

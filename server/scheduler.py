@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from workbench.errors import QueueFullError, WorkbenchError
+from workbench.errors import QueueFullError, ServerError, WorkbenchError
 
 PHASES = {
     "create_model": 0, "create_sampling_session": 0, "get_tokenizer": 0,
@@ -73,6 +73,7 @@ class Scheduler:
         self._per_tenant: dict[str, int] = {}
         self._cond = threading.Condition()
         self._cycle = 0
+        self._closed = False
 
     @property
     def cycle(self) -> int:
@@ -80,6 +81,8 @@ class Scheduler:
 
     def submit(self, work: Work) -> None:
         with self._cond:
+            if self._closed:
+                raise ServerError("the server is shutting down; this request was not run")
             pending = self._per_tenant.get(work.tenant, 0)
             if pending >= self.queue_limit:
                 raise QueueFullError(
@@ -115,9 +118,11 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
-    def drain(self) -> list[Work]:
-        """Remove and return every queued request (at shutdown, to answer them)."""
+    def close(self) -> list[Work]:
+        """Refuse further work (submit raises ServerError) and return every queued request,
+        removed, so that the caller answers them: the server is shutting down."""
         with self._cond:
+            self._closed = True
             works = [w for q in self._queues.values() for w in q]
             self._queues.clear()
             self._per_tenant.clear()

@@ -89,7 +89,8 @@ def test_sft_loss_falls_logs_jsonl_and_resumes(sft_run):
 
 class ParityEnv(Env):
     """A verifiable toy the untrained tiny model can improve on at once: one sampled token,
-    reward 1 when its id is even. An almost uniform random model starts near 0.5."""
+    reward 1 when its id is even. Sampled with top_k=8, so the policy has to move its mass
+    among a handful of candidates (about half of them even) and starts near 0.5."""
 
     def initial_observation(self):
         return types.ModelInput.from_ints([5, 6, 7, 8]), []
@@ -120,7 +121,7 @@ class ParityDataset(RLDataset):
 @pytest.mark.parametrize("loss_fn,off_by_one", [("importance_sampling", False), ("ppo", True)])
 def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one):
     config = rl.Config(**run_kwargs(server, tmp_path, "rl"), n_steps=8, max_tokens=1, learning_rate=2e-2,
-                       loss_fn=loss_fn, async_off_by_one=off_by_one, lora_rank=8, kl_coef=0.01)
+                       loss_fn=loss_fn, async_off_by_one=off_by_one, lora_rank=8, kl_coef=0.01, top_k=8)
     result = rl.main(config, dataset=ParityDataset(8, groups=4, size=16))
     rows = result.metrics
     start, end = mean(rows[:2], "env/reward_mean"), mean(rows[-2:], "env/reward_mean")

@@ -60,7 +60,20 @@ class ServiceClient:
         # so the server can tell live sessions from abandoned ones.
         self.session_id = uuid.uuid4().hex
         self._connection.add_session(self.session_id)
-        weakref.finalize(self, self._connection.remove_session, self.session_id)
+        self._finalizer = weakref.finalize(self, self._connection.remove_session, self.session_id)
+
+    @property
+    def events_url(self) -> Optional[str]:
+        """The server's event stream (a ZeroMQ PUB socket; topic ``cycle``), from its hello."""
+        return (self._connection.hello or {}).get("events_url")
+
+    def close(self) -> None:
+        """End this client's session: heartbeats stop, so the server may park its runs.
+
+        The connection stays shared with other clients of the same URL and key; an embedded
+        server keeps running until the process exits (``local_server.stop()`` ends it now).
+        """
+        self._finalizer()
 
     # -------------------------------------------------------------- creation
 

@@ -219,6 +219,11 @@ class TrainingClient:
 
     # ------------------------------------------------------------ listeners
 
+    @property
+    def optim_steps(self) -> int:
+        """How many optim_steps of this client have completed (the step listeners receive)."""
+        return self._optim_steps
+
     def add_listener(self, fn: Listener) -> None:
         """fn(step, kind, metrics) for every result as it arrives (on the I/O thread).
 

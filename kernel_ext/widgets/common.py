@@ -137,10 +137,7 @@ def widget_bundle(widget: Any, text: str, html_snapshot: str) -> dict:
 
 def events_url(service: Any) -> str:
     """The server's event-stream URL (from the hello reply)."""
-    url = getattr(service, "events_url", None)
-    if not url:
-        hello = getattr(getattr(service, "_connection", None), "hello", None) or {}
-        url = hello.get("events_url")
+    url = service.events_url
     if not url:
         raise RuntimeError("this server announced no event stream (no events_url in its hello reply)")
     return url

@@ -93,9 +93,9 @@ class StepPanel:
         self.source = BatchSource(batches)
         self.loss_fn = loss_fn
         self.events = events
-        # The SDK counts completed optim_steps per client (the step its listeners get); it
-        # has no public accessor yet, so read it here and follow the listener afterwards.
-        self.step = int(getattr(client, "optim_steps", getattr(client, "_optim_steps", 0)))
+        # Start from the client's count of completed optim_steps (the step its listeners
+        # get), then follow the listener.
+        self.step = int(client.optim_steps)
         self.last_loss: Optional[float] = None
         self.pending = 0
         self.status = "idle"

@@ -38,6 +38,7 @@ class Config(common.BaseConfig):
     group_size: int = 8  # attempts per problem (rewards centred within them)
     max_tokens: int = 16  # sampling budget per attempt
     temperature: float = 1.0  # sampling temperature
+    top_k: int = -1  # sample among the k likeliest tokens only (-1: all)
     loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"  # policy loss
     clip_low: float = 0.8  # ppo/cispo ratio clip, low end
     clip_high: float = 1.2  # ppo/cispo ratio clip, high end
@@ -58,12 +59,15 @@ def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeRe
                                  tag=config.task)
     if len(dataset) < config.n_steps:
         raise ValueError(f"the dataset has {len(dataset)} batches, fewer than n_steps={config.n_steps}")
-    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature)
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
+                            top_k=config.top_k)
     base = service.create_sampling_client(base_model=training.base_model) if config.kl_coef else None
     log = common.MetricsLog(config.log_dir, config)
 
     def rollout(step: int, sampler):
-        return do_group_rollouts(dataset.get_batch(step), sampler, params)
+        # Seeded per step (and per call inside), so a run and its resume sample the same way.
+        step_params = params.model_copy(update={"seed": config.seed * 1_000_003 + step * 10_007})
+        return do_group_rollouts(dataset.get_batch(step), sampler, step_params)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None  # the next batch's rollouts, when sampling runs ahead (off by one)
