@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reply, one with a single frame over twice this is dropped (default 256)")
     parser.add_argument("--max-rank", type=int, default=128,
                         help="largest LoRA rank a run may ask for (default 128)")
+    parser.add_argument("--tinker-port", type=int, default=None, metavar="PORT",
+                        help="also serve Tinker's HTTP protocol (the official tinker SDK, with a "
+                        "tml-... key) on this port of --host; 0 picks a free one (default: off)")
     parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                         help=argparse.SUPPRESS)  # used by the embedded local server
     return parser
@@ -274,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         raise SystemExit(f"cannot bind tcp://{args.host}:{args.port}: {exc}")
 
+    gateway = None
+    if args.tinker_port is not None:
+        from .tinker_http import TinkerGateway, tokenizer_id
+
+        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id)
+        try:
+            log(f"tinker gateway {gateway.start(args.host, args.tinker_port)}")
+        except OSError as exc:
+            raise SystemExit(f"cannot bind --tinker-port {args.tinker_port} on {args.host}: {exc}")
+
     def execute(plan):
         parking.apply()
         return runner.execute(plan)
@@ -294,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = autosave(runner, log)
         log(f"saved {len(saved)} training run(s) as wb://<run_id>/weights/{AUTOSAVE_NAME}")
         frontend.stop()  # after the replies above are queued: serve() flushes them
+        if gateway is not None:
+            gateway.stop()
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

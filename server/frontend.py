@@ -245,7 +245,7 @@ class Frontend:
 
         if op == "create_model":
             done = self._recording_session(tenant, args.get("session_id"), done)
-        tokens = sum(len(d["tokens"]) for d in args.get("data", ()))
+        tokens = _token_cost(op, args)
         self._replies[(tenant, request_id)] = None  # in flight
         try:
             self.scheduler.submit(Work(op, tenant, queue_name, args, done, tokens=tokens))
@@ -345,6 +345,24 @@ _REQUIRED = {
     "delete_checkpoint": {"path": str},
     "get_checkpoint_files": {"path": str},
 }
+
+
+def _token_cost(op: str, args: dict) -> int:
+    """Tokens a request will cost the engine: what the fair share of a cycle is counted in.
+    Sampling counts its prompt plus the tokens it may generate; malformed values count 0
+    (the runner rejects them)."""
+    try:
+        if op in ("forward", "forward_backward"):
+            return sum(len(d["tokens"]) for d in args["data"])
+        if op not in ("sample", "compute_logprobs"):
+            return 0
+        tokens = len(args["prompt"])
+        if op == "sample":
+            params = args.get("sampling_params") or {}
+            tokens += int(params.get("max_tokens") or 0) * int(args.get("num_samples", 1))
+        return max(0, tokens)
+    except (TypeError, ValueError, AttributeError, OverflowError, KeyError):
+        return 0
 
 
 def _peek_id(header: Any) -> Optional[str]:

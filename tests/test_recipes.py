@@ -90,7 +90,7 @@ def test_sft_loss_falls_logs_jsonl_and_resumes(sft_run):
 class ParityEnv(Env):
     """A verifiable toy the untrained tiny model can improve on at once: one sampled token,
     reward 1 when its id is even. Sampled with top_k=8, so the policy has to move its mass
-    among a handful of candidates (about half of them even) and starts near 0.5."""
+    among a handful of candidates (about half of them even) and starts well below 1."""
 
     def initial_observation(self):
         return types.ModelInput.from_ints([5, 6, 7, 8]), []
@@ -125,9 +125,9 @@ def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one):
     result = rl.main(config, dataset=ParityDataset(8, groups=4, size=16))
     rows = result.metrics
     start, end = mean(rows[:2], "env/reward_mean"), mean(rows[-2:], "env/reward_mean")
-    assert 0.3 < start < 0.7, start  # near chance
-    assert end > start + 0.2, (start, end)  # measured: about 0.5 -> 0.9
     print("rl reward per step", loss_fn, [round(r["env/reward_mean"], 3) for r in rows])
+    assert start < 0.6, start  # the untrained model's share of even tokens in its top 8
+    assert end > start + 0.25 and end > 0.6, (start, end)
     assert all("train/constant_groups_dropped" in r for r in rows)
     # The KL penalty's figure is there whenever something was trained on.
     assert all("kl/sampler_reference" in r for r in rows if r["train/datums"])

@@ -1,5 +1,6 @@
-"""Server lifecycle over real processes: SIGTERM saves every run, kill -9 + restart resumes
-from the store to the very weights of a run that never stopped, and an exposed bind warns."""
+"""Server lifecycle over real processes: kill -9 + restart resumes from the store to the very
+weights of a run that never stopped, SIGTERM saves every run and exits 0, and an exposed
+bind warns."""
 
 from __future__ import annotations
 
@@ -42,35 +43,7 @@ def weights(store: Path, uri: str) -> dict[str, np.ndarray]:
     return load_file(str(store / "runs" / run_id / kind / name / "adapter_model.safetensors"))
 
 
-def test_sigterm_saves_every_run_and_exits_zero(tmp_path):
-    server = start_server(tmp_path, "--models", "tiny-qwen3")
-    store = tmp_path / "store"
-    try:
-        service = wb.ServiceClient(base_url=server.url, api_key=server.api_key)
-        runs = [service.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=s) for s in (1, 2)]
-        for client in runs:
-            step(client, 0)
-        expected = {c.model_id: c.save_weights_for_sampler("live").result(60).path for c in runs}
-        pending = runs[0].forward(batch(1), "cross_entropy")  # in flight or queued at SIGTERM
-        os.killpg(server.pid, signal.SIGTERM)
-        assert server.process.wait(60) == 0
-        try:
-            pending.result(30)  # ran in the last cycle ...
-        except wb.WorkbenchError as exc:
-            assert "shutting down" in str(exc)  # ... or was answered, never left hanging
-    finally:
-        server.stop()
-    for run_id, live in expected.items():
-        saved = f"wb://{run_id}/weights/autosave-shutdown"
-        folder = store / "runs" / run_id / "weights" / "autosave-shutdown"
-        assert (folder / "optimizer.safetensors").exists()
-        got, want = weights(store, saved), weights(store, live)
-        assert got.keys() == want.keys()
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
-
-
-def test_kill_9_then_restart_resumes_to_the_same_weights(tmp_path):
+def test_kill_9_restart_resume_then_sigterm_saves_every_run(tmp_path):
     store = tmp_path / "store"
     first = start_server(tmp_path, "--models", "tiny-qwen3")
     try:
@@ -94,22 +67,41 @@ def test_kill_9_then_restart_resumes_to_the_same_weights(tmp_path):
         for s in range(2, 4):
             step(resumed, s)
         path = resumed.save_state("step-4").result(60).path
-        # An old run id is gone from memory after the restart, but its checkpoints are not.
+        # The killed server's runs and checkpoints are listed, and serve, after the restart.
+        rest = service.create_rest_client()
+        assert client.model_id in {r.training_run_id for r in rest.list_training_runs(limit=50).result(30).training_runs}
+        assert {resume_from, reference} <= {c.path for c in rest.list_checkpoints(client.model_id).result(30).checkpoints}
         sampler = service.create_sampling_client(model_path=reference)
         assert sampler.compute_logprobs(types.ModelInput.from_ints([1, 2, 3])).result(60)[1] < 0
+        # SIGTERM: the cycle under way finishes, queued work is answered, every run is saved.
+        other = service.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=8)
+        step(other, 9)
+        other_live = other.save_weights_for_sampler("live").result(60).path
+        pending = resumed.forward(batch(1), "cross_entropy")
+        os.killpg(second.pid, signal.SIGTERM)
+        assert second.process.wait(60) == 0
+        try:
+            pending.result(30)  # ran in the last cycle ...
+        except wb.WorkbenchError as exc:
+            assert "shutting down" in str(exc)  # ... or was answered, never left hanging
     finally:
         second.stop(timeout=30)
     want, got = weights(store, reference), weights(store, path)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    for run_id, live in ((resumed.model_id, path), (other.model_id, other_live)):
+        saved = f"wb://{run_id}/weights/autosave-shutdown"
+        assert (store / "runs" / run_id / "weights" / "autosave-shutdown" / "optimizer.safetensors").exists()
+        got, want = weights(store, saved), weights(store, live)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
     listed = Store(store)
-    run_ids = {r["run_id"] for r in listed.list_runs("default")}
     old_run = client.model_id
-    assert {old_run, resumed.model_id} <= run_ids
+    assert {old_run, resumed.model_id, other.model_id} <= {r["run_id"] for r in listed.list_runs("default")}
     names = {c["checkpoint_id"] for c in listed.list_checkpoints(old_run, "default")}
     assert {"weights/step-2", "weights/step-4"} <= names
-    # The restart did not autosave over the killed server's state: kill -9 saves nothing.
-    assert "weights/autosave-shutdown" not in names
+    assert "weights/autosave-shutdown" not in names  # kill -9 saves nothing
 
 
 def test_exposed_bind_without_keys_warns_loudly(tmp_path, capsys):

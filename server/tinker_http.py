@@ -1,0 +1,688 @@
+"""Tinker's HTTP protocol as a second frontend on the same scheduler.
+
+The official `tinker` SDK (0.38), pointed at ``TINKER_BASE_URL=http://127.0.0.1:<port>``
+with a ``tml-...`` key, trains, samples and checkpoints through our clock cycles. Like the
+ZeroMQ frontend this only translates: it checks keys, turns requests into `Work` for the
+shared `Scheduler`, and turns results into Tinker's replies (JSON, or protobuf for
+ForwardBackwardOutput / SampleResponse, see `tinker_proto`). The scheduler decides.
+
+Threads: uvicorn serves a Starlette app on its own asyncio loop in a daemon thread. Every
+piece of state here (futures, sequencers, id maps) is touched on that loop only; results
+produced on the engine thread come back through `call_soon_threadsafe`.
+
+Protocol facts kept here (reference/tinker-wire.md):
+- Heavy endpoints answer ``{"request_id", "model_id"?, "sample_sequence_ids"?}`` at once;
+  the client long-polls ``retrieve_future``, held up to `hold_s`, then HTTP 408 try_again
+  whose ``queue_state_reason`` names our current cycle and queue depth. A failure is
+  HTTP 200 ``{"error", "category"}``.
+- Each training client numbers its requests (seq_id 1, 2, ...). They are submitted to the
+  scheduler per model in that order; a gap (chunked batches arrive in parallel, first chunk
+  last) is waited for, up to `gap_timeout_s`, after which the lowest waiting seq_id goes on
+  (a client that lost a request must not freeze its model forever). A resent seq_id (or
+  create/sample id) gets the original request id: never a second execution.
+- Model ids are the SDK's ``<session_id>:train:<n>`` (it derives them itself when loading
+  a state); they map onto our store's run ids, and ``tinker://<run_id>/<kind>/<name>`` maps
+  one to one onto ``wb://<run_id>/<kind>/<name>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from workbench.errors import (
+    AuthenticationError, InvalidRequestError, NotFoundError, QueueFullError,
+)
+
+from . import tinker_proto
+from .scheduler import Scheduler, Work, as_error
+
+TINKER, WB = "tinker://", "wb://"
+_PROTO = "application/x-protobuf"
+
+
+def to_wb(path: Any, where: str = "path") -> str:
+    """tinker://<run_id>/<kind>/<name> -> wb://... (wb:// is accepted as it is)."""
+    if isinstance(path, str) and path.startswith(TINKER):
+        return WB + path[len(TINKER):]
+    if isinstance(path, str) and path.startswith(WB):
+        return path
+    raise InvalidRequestError(f"expected a checkpoint path tinker://<run_id>/weights/<name>, got {path!r}", where)
+
+
+def to_tinker(value: Any) -> Any:
+    """Every wb:// string inside a result, as tinker://."""
+    if isinstance(value, str) and value.startswith(WB):
+        return TINKER + value[len(WB):]
+    if isinstance(value, dict):
+        return {k: to_tinker(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_tinker(v) for v in value]
+    return value
+
+
+def _checkpoint(record: Optional[dict]) -> Optional[dict]:
+    """A store checkpoint record as Tinker's Checkpoint."""
+    if record is None:
+        return None
+    out = {k: v for k, v in record.items() if k != "path"}
+    out["tinker_path"] = to_tinker(record["path"])
+    return out
+
+
+def _run_record(run: dict) -> dict:
+    return {**run, "last_checkpoint": _checkpoint(run.get("last_checkpoint")),
+            "last_sampler_checkpoint": _checkpoint(run.get("last_sampler_checkpoint"))}
+
+
+def _metrics(metrics: dict) -> dict:
+    # The SDK splits every key on ":" to combine chunked results: a bare name would crash it.
+    return {(k if ":" in k else f"{k}:mean"): float(v) for k, v in (metrics or {}).items()}
+
+
+class _Failed(Exception):
+    """A future's failure as Tinker reports it: HTTP 200 {error, category}."""
+
+    def __init__(self, error: BaseException):
+        wb_error = as_error(error)
+        super().__init__(str(wb_error))
+        self.category = "server" if getattr(wb_error, "category", "server") == "server" else "user"
+
+
+@dataclass
+class _Future:
+    tenant: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    body: Optional[bytes] = None  # protobuf reply
+    result: Any = None  # JSON reply
+    error: Optional[_Failed] = None
+
+
+class _Sequencer:
+    """Per-model turn keeping: seq_id n is submitted only after n-1 (or after a gap timeout)."""
+
+    def __init__(self, gap_timeout_s: float):
+        self.next = 1
+        self.gap_timeout_s = gap_timeout_s
+        self._waiting: dict[int, asyncio.Event] = {}
+
+    async def turn(self, seq_id: int) -> None:
+        if seq_id <= self.next:  # its turn, or one from before a restart: no order to keep
+            return
+        event = self._waiting.setdefault(seq_id, asyncio.Event())
+        while self.next < seq_id:
+            try:
+                await asyncio.wait_for(event.wait(), self.gap_timeout_s)
+            except asyncio.TimeoutError:
+                if self.next < seq_id and seq_id == min(self._waiting):
+                    self.next = seq_id  # the gap never filled: go on rather than stall the model
+        self._waiting.pop(seq_id, None)
+
+    def done(self, seq_id: int) -> None:
+        self.next = max(self.next, seq_id + 1)
+        event = self._waiting.get(self.next)
+        if event is not None:
+            event.set()
+
+
+@dataclass
+class _Model:
+    tenant: str
+    run_id: str
+    base_model: str
+    rank: int
+    arch: str
+
+
+class TinkerGateway:
+    """The HTTP frontend. `start(host, port)` serves in a daemon thread; `stop()` ends it."""
+
+    def __init__(self, scheduler: Scheduler, keys: dict[str, str],
+                 capabilities: Callable[[], dict] = lambda: {"supported_models": []},
+                 tokenizer_id: Callable[[str], str] = lambda name: name,
+                 hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096):
+        self.scheduler = scheduler
+        self.keys = keys  # api key -> tenant (the ZeroMQ frontend's mapping)
+        self.capabilities = capabilities
+        self.tokenizer_id = tokenizer_id
+        self.hold_s, self.gap_timeout_s, self.max_futures = hold_s, gap_timeout_s, max_futures
+        self._futures: "OrderedDict[str, _Future]" = OrderedDict()
+        self._idempotent: "OrderedDict[tuple, dict]" = OrderedDict()  # resend key -> first reply
+        self._sequencers: dict[str, _Sequencer] = {}
+        self._models: dict[str, _Model] = {}  # tinker model id -> run
+        self._samplers: dict[str, dict] = {}  # sampler id -> {tenant, base_model, model_path}
+        self._sign_key = secrets.token_bytes(32)  # signs download URLs (they carry no API key)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server = None
+        self._thread: Optional[threading.Thread] = None
+        self.url = ""
+
+    # ------------------------------------------------------------ lifetime
+
+    def start(self, host: str, port: int) -> str:
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=1, access_log=False)
+        self._server = uvicorn.Server(config)
+        started = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.call_soon(started.set)
+            self._loop.run_until_complete(self._server.serve(sockets=[sock]))
+
+        self._thread = threading.Thread(target=serve, name="tinker-http", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def app(self) -> Starlette:
+        post, get = ["POST"], ["GET"]
+        routes = [
+            Route("/api/v1/healthz", lambda r: JSONResponse({"status": "ok"}), methods=get),
+            Route("/api/v1/client/config", self._client_config, methods=post),
+            Route("/api/v1/create_session", self._create_session, methods=post),
+            Route("/api/v1/session_heartbeat", self._heartbeat, methods=post),
+            Route("/api/v1/sessions/{session_id}/finish", self._finish_session, methods=post),
+            Route("/api/v1/telemetry", self._telemetry, methods=post),
+            Route("/api/v1/get_server_capabilities", self._capabilities, methods=["GET", "POST"]),
+            Route("/api/v1/create_model", self._create_model, methods=post),
+            Route("/api/v1/get_info", self._get_info, methods=post),
+            Route("/api/v1/forward_backward", self._forward_backward, methods=post),
+            Route("/api/v1/optim_step", self._optim_step, methods=post),
+            Route("/api/v1/save_weights", self._save_weights, methods=post),
+            Route("/api/v1/load_weights", self._load_weights, methods=post),
+            Route("/api/v1/save_weights_for_sampler", self._save_for_sampler, methods=post),
+            Route("/api/v1/create_sampling_session", self._create_sampling_session, methods=post),
+            Route("/api/v1/asample", self._asample, methods=post),
+            Route("/api/v1/retrieve_future", self._retrieve_future, methods=post),
+            Route("/api/v1/samplers/{sampler_id}", self._get_sampler, methods=get),
+            Route("/api/v1/training_runs", self._list_runs, methods=get),
+            Route("/api/v1/training_runs/{run_id}", self._get_run, methods=get),
+            Route("/api/v1/training_runs/{run_id}/checkpoints", self._list_checkpoints, methods=get),
+            Route("/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}", self._delete_checkpoint,
+                  methods=["DELETE"]),
+            Route("/api/v1/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls",
+                  self._download_urls, methods=get),
+            Route("/api/v1/checkpoint_files/{run_id}/{kind}/{name}/{file}", self._download_file, methods=get),
+            Route("/api/v1/checkpoints", self._list_user_checkpoints, methods=get),
+        ]
+        return Starlette(routes=routes, exception_handlers={Exception: self._on_error})
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        """Errors of the request itself (not of a queued operation): a JSON body, always
+        with a length, since the SDK retries an empty 400 as a network glitch."""
+        error = as_error(exc)
+        status = 401 if isinstance(error, AuthenticationError) else 404 if isinstance(error, NotFoundError) \
+            else 429 if isinstance(error, QueueFullError) else 400 if error.category != "server" else 500
+        return JSONResponse({"detail": str(error), "error": str(error), "type": type(error).__name__},
+                            status_code=status)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _tenant(self, request: Request) -> str:
+        key = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        tenant = self.keys.get(key)
+        if tenant is None:
+            raise AuthenticationError("unknown API key; pass the key the server was started with "
+                                      "(TINKER_API_KEY, a tml-... key given to --api-key/--api-keys)")
+        return tenant
+
+    async def _json(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except Exception:
+            raise InvalidRequestError("request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise InvalidRequestError("request body must be a JSON object")
+        return body
+
+    def _submit(self, tenant: str, op: str, queue: str, args: dict) -> "asyncio.Future":
+        """Queue `op` for the scheduler; the returned future resolves on this loop."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def resolve(result: Any, error: Optional[BaseException]) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def done(result: Any, error: Optional[BaseException]) -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(resolve, result, error)
+            except RuntimeError:
+                pass  # the HTTP loop is gone (shutting down): nobody is waiting
+
+        tokens = sum(len(d["tokens"]) for d in args.get("data", ()))
+        self.scheduler.submit(Work(op, tenant, queue, args, done, tokens=tokens))
+        return future
+
+    def _future(self, tenant: str, work: Callable[[], Awaitable], encode: Callable[[Any], Any],
+                resend_key: Optional[tuple] = None, **reply: Any) -> JSONResponse:
+        """Start `work` as a Tinker future and answer its UntypedAPIFuture at once. A request
+        with a `resend_key` seen before answers the first one's future instead (`work` is
+        only called for a new request, so a resend never runs twice)."""
+        if resend_key is not None and resend_key in self._idempotent:
+            return JSONResponse(self._idempotent[resend_key])
+        request_id = uuid.uuid4().hex
+        record = _Future(tenant)
+
+        async def run() -> None:
+            try:
+                outcome = encode(await awaitable)
+                if isinstance(outcome, bytes):
+                    record.body = outcome
+                else:
+                    record.result = outcome
+            except Exception as exc:
+                record.error = _Failed(exc)
+            record.done.set()
+
+        awaitable = work()  # may raise (e.g. queue full): then no future is recorded
+        self._futures[request_id] = record
+        while len(self._futures) > self.max_futures:
+            self._futures.popitem(last=False)
+        asyncio.get_running_loop().create_task(run())
+        answer = {"request_id": request_id, **{k: v for k, v in reply.items() if v is not None}}
+        if resend_key is not None:
+            self._idempotent[resend_key] = answer
+            while len(self._idempotent) > 8 * self.max_futures:
+                self._idempotent.popitem(last=False)
+        return JSONResponse(answer)
+
+    def _model(self, tenant: str, model_id: Any) -> _Model:
+        model = self._models.get(model_id) if isinstance(model_id, str) else None
+        if model is None or model.tenant != tenant:
+            raise NotFoundError(f"model {model_id!r} not found (create it with create_model first)", "model_id")
+        return model
+
+    async def _in_turn(self, model_id: str, seq_id: Any, submit: Callable[[], "asyncio.Future"]) -> Any:
+        """Submit in the model's seq_id order, then wait for the result."""
+        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
+            return await submit()  # unnumbered: arrival order
+        sequencer = self._sequencers.setdefault(model_id, _Sequencer(self.gap_timeout_s))
+        await sequencer.turn(seq_id)
+        try:
+            pending = submit()
+        finally:
+            sequencer.done(seq_id)
+        return await pending
+
+    # ------------------------------------------------------------ sessions and stubs
+
+    async def _client_config(self, request: Request) -> Response:
+        self._tenant(request)
+        return JSONResponse({})  # every flag's default suits this server
+
+    async def _create_session(self, request: Request) -> Response:
+        self._tenant(request)
+        return JSONResponse({"type": "create_session", "session_id": "session-" + uuid.uuid4().hex[:16]})
+
+    async def _heartbeat(self, request: Request) -> Response:
+        self._tenant(request)
+        return JSONResponse({"type": "session_heartbeat"})
+
+    async def _finish_session(self, request: Request) -> Response:
+        self._tenant(request)
+        return JSONResponse({})
+
+    async def _telemetry(self, request: Request) -> Response:
+        return JSONResponse({"status": "accepted"})  # dropped: nothing leaves this machine
+
+    async def _capabilities(self, request: Request) -> Response:
+        self._tenant(request)
+        models = self.capabilities().get("supported_models", [])
+        return JSONResponse({"supported_models": [
+            {"model_name": m.get("model_name"), "max_context_length": m.get("context_length"),
+             "trainable": True, "sampleable": True} for m in models]})
+
+    # ------------------------------------------------------------ training
+
+    async def _create_model(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        session, seq = body.get("session_id"), body.get("model_seq_id")
+        if not isinstance(session, str) or not isinstance(seq, int):
+            raise InvalidRequestError("create_model needs session_id (string) and model_seq_id (int)")
+        lora = body.get("lora_config") or {}
+        if not isinstance(lora, dict):
+            raise InvalidRequestError("lora_config must be an object", "lora_config")
+        model_id = f"{session}:train:{seq}"
+        args = {"base_model": body.get("base_model"), "rank": lora.get("rank", 32), "seed": lora.get("seed"),
+                "train_mlp": lora.get("train_mlp", True), "train_attn": lora.get("train_attn", True),
+                "train_unembed": lora.get("train_unembed", True), "user_metadata": body.get("user_metadata"),
+                "session_id": session}
+        if not isinstance(args["base_model"], str):
+            raise InvalidRequestError("create_model needs base_model (a string)", "base_model")
+        work = lambda: self._create_run(tenant, model_id, args)  # noqa: E731
+        return self._future(tenant, work, lambda r: {"type": "create_model", "model_id": model_id},
+                            resend_key=(tenant, "create", model_id), model_id=model_id)
+
+    async def _create_run(self, tenant: str, model_id: str, args: dict) -> dict:
+        result = await self._submit(tenant, "create_model", f"admin:{tenant}", args)
+        self._models[model_id] = _Model(tenant, result["model_id"], result["base_model"],
+                                        int(result["rank"]), result.get("arch", ""))
+        return result
+
+    async def _get_info(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        model = self._model(tenant, body.get("model_id"))
+        return JSONResponse({
+            "type": "get_info", "model_id": body["model_id"], "is_lora": True, "lora_rank": model.rank,
+            "model_data": {"arch": model.arch, "model_name": model.base_model,
+                           "tokenizer_id": self.tokenizer_id(model.base_model)},
+        })
+
+    async def _forward_backward(self, request: Request) -> Response:
+        tenant = self._tenant(request)
+        body = await request.body()
+        if request.headers.get("content-encoding", "") == "zstd":
+            import zstandard
+
+            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        try:
+            decoded = tinker_proto.decode_forward_backward(body)
+        except tinker_proto.ProtoInputError as exc:
+            raise InvalidRequestError(exc.message, exc.where) from None
+        model_id = decoded["model_id"]
+        model = self._model(tenant, model_id)
+        if not decoded["data"]:
+            raise InvalidRequestError("data is empty: pass at least one Datum", "data")
+        op = "forward" if decoded["forward_only"] else "forward_backward"
+        args = {"model_id": model.run_id, "data": decoded["data"], "loss_fn": decoded["loss_fn"] or "cross_entropy",
+                "loss_fn_config": decoded["loss_fn_config"]}
+        work = lambda: self._in_turn(model_id, decoded["seq_id"],  # noqa: E731
+                                     lambda: self._submit(tenant, op, model.run_id, args))
+
+        def encode(result: dict) -> bytes:
+            outputs = [{k: np.asarray(v) for k, v in o.items()} for o in result["loss_fn_outputs"]]
+            return tinker_proto.encode_forward_backward_output(
+                result.get("loss_fn_output_type", "target_logprobs"), outputs, _metrics(result.get("metrics")))
+
+        return self._future(tenant, work, encode, resend_key=(tenant, model_id, decoded["seq_id"]),
+                            model_id=model_id)
+
+    async def _optim_step(self, request: Request) -> Response:
+        from workbench.types import AdamParams
+
+        tenant, body = self._tenant(request), await self._json(request)
+        model_id = body.get("model_id")
+        model = self._model(tenant, model_id)
+        params = body.get("adam_params") or body.get("optim_params")
+        if not isinstance(params, dict) or params.get("type", "adam") not in ("adam", "adamw"):
+            raise InvalidRequestError("optim_step needs adam_params (this server runs AdamW only)", "adam_params")
+        try:
+            adam = AdamParams(**{k: v for k, v in params.items() if k != "type"}).model_dump()
+        except Exception as exc:
+            raise InvalidRequestError(f"bad adam_params: {exc}", "adam_params") from None
+        args = {"model_id": model.run_id, "adam_params": adam}
+        work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
+                                     lambda: self._submit(tenant, "optim_step", model.run_id, args))
+        return self._future(tenant, work, lambda r: {"metrics": _metrics(r.get("metrics"))},
+                            resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
+
+    async def _save_weights(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        model_id = body.get("model_id")
+        model = self._model(tenant, model_id)
+        args = {"model_id": model.run_id, "name": body.get("path")}
+        work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
+                                     lambda: self._submit(tenant, "save_state", model.run_id, args))
+        return self._future(tenant, work, lambda r: {"type": "save_weights", "path": to_tinker(r["path"])},
+                            resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
+
+    async def _load_weights(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        path, optimizer = to_wb(body.get("path")), bool(body.get("optimizer"))
+        if body.get("model_id") is None:  # a new model from a state: the SDK derives its id
+            session, seq = body.get("session_id"), body.get("model_seq_id")
+            if not isinstance(session, str) or not isinstance(seq, int):
+                raise InvalidRequestError("load_weights needs model_id, or session_id and model_seq_id")
+            model_id = f"{session}:train:{seq}"
+            args = {"base_model": "", "from_state": path, "optimizer": optimizer, "session_id": session}
+            work = lambda: self._create_run(tenant, model_id, args)  # noqa: E731
+            return self._future(tenant, work, lambda r: {"type": "load_weights", "model_id": model_id,
+                                                         "path": to_tinker(path)},
+                                resend_key=(tenant, "create", model_id), model_id=model_id)
+        model_id = body["model_id"]
+        model = self._model(tenant, model_id)
+        args = {"model_id": model.run_id, "path": path, "optimizer": optimizer}
+        work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
+                                     lambda: self._submit(tenant, "load_state", model.run_id, args))
+        return self._future(tenant, work, lambda r: {"type": "load_weights", "path": to_tinker(path)},
+                            resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
+
+    async def _save_for_sampler(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        model_id = body.get("model_id")
+        model = self._model(tenant, model_id)
+        name = body.get("path")
+        # No name: an ephemeral snapshot whose future carries a sampling session on it.
+        args = {"model_id": model.run_id, "name": name or f"ephemeral-{uuid.uuid4().hex[:12]}"}
+
+        async def work() -> dict:
+            saved = await self._in_turn(model_id, body.get("seq_id"),
+                                        lambda: self._submit(tenant, "save_weights_for_sampler", model.run_id, args))
+            reply = {"type": "save_weights_for_sampler", "path": to_tinker(saved["path"])}
+            if not name:
+                reply["sampling_session_id"] = await self._new_sampler(tenant, {"model_path": saved["path"]})
+            return reply
+
+        return self._future(tenant, work, lambda r: r, resend_key=(tenant, model_id, body.get("seq_id")),
+                            model_id=model_id)
+
+    # ------------------------------------------------------------ sampling
+
+    async def _new_sampler(self, tenant: str, args: dict) -> str:
+        result = await self._submit(tenant, "create_sampling_session", f"admin:{tenant}", args)
+        self._samplers[result["sampler_id"]] = {
+            "tenant": tenant, "base_model": result["base_model"], "model_path": to_tinker(args.get("model_path"))}
+        return result["sampler_id"]
+
+    async def _create_sampling_session(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        key = (tenant, "sampler", body.get("session_id"), body.get("sampling_session_seq_id"))
+        if key in self._idempotent:
+            return JSONResponse(self._idempotent[key])
+        if body.get("model_path"):
+            args = {"model_path": to_wb(body["model_path"], "model_path")}
+        elif isinstance(body.get("base_model"), str):
+            args = {"base_model": body["base_model"]}
+        else:
+            raise InvalidRequestError("create_sampling_session needs model_path or base_model", "model_path")
+        sampler_id = await self._new_sampler(tenant, args)
+        self._idempotent[key] = {"type": "create_sampling_session", "sampling_session_id": sampler_id}
+        return JSONResponse(self._idempotent[key])
+
+    async def _get_sampler(self, request: Request) -> Response:
+        tenant = self._tenant(request)
+        sampler_id = request.path_params["sampler_id"]
+        sampler = self._samplers.get(sampler_id)
+        if sampler is None or sampler["tenant"] != tenant:
+            raise NotFoundError(f"sampling session {sampler_id!r} not found", "sampler_id")
+        return JSONResponse({"sampler_id": sampler_id, "base_model": sampler["base_model"],
+                             "model_path": sampler["model_path"]})
+
+    async def _asample(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        sampler_id = body.get("sampling_session_id")
+        if not isinstance(sampler_id, str):
+            raise InvalidRequestError("asample needs sampling_session_id (create_sampling_session first)",
+                                      "sampling_session_id")
+        args = {"sampler_id": sampler_id, "prompt": np.asarray(_prompt_tokens(body.get("prompt")), dtype=np.int32),
+                "num_samples": body.get("num_samples", 1), "sampling_params": body.get("sampling_params") or {},
+                "include_prompt_logprobs": bool(body.get("prompt_logprobs"))}
+        num_samples = args["num_samples"]
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise InvalidRequestError(f"num_samples must be a positive integer, got {num_samples!r}", "num_samples")
+        for unsupported in ("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k"):
+            if body.get(unsupported):
+                raise InvalidRequestError(f"{unsupported} is not supported by this server", unsupported)
+        if body.get("target_prompt_logprobs") is not None:
+            raise InvalidRequestError("target_prompt_logprobs is not supported by this server",
+                                      "target_prompt_logprobs")
+        last_n = body.get("prompt_logprobs_last_n")
+
+        def encode(result: dict) -> bytes:
+            prompt_logprobs = result.get("prompt_logprobs")
+            if prompt_logprobs is not None and last_n:
+                prompt_logprobs = [None] * (len(prompt_logprobs) - last_n) + list(prompt_logprobs[-last_n:])
+            return tinker_proto.encode_sample_response(result["sequences"], prompt_logprobs)
+
+        seq_id = body.get("seq_id")
+        request_key = (tenant, "sample", sampler_id, seq_id) if seq_id is not None else None
+        prior = self._idempotent.get(request_key) if request_key else None
+        sequence_ids = prior["sample_sequence_ids"] if prior else [uuid.uuid4().hex for _ in range(num_samples)]
+        return self._future(tenant, lambda: self._submit(tenant, "sample", sampler_id, args), encode,
+                            resend_key=request_key, sample_sequence_ids=sequence_ids)
+
+    # ------------------------------------------------------------ futures
+
+    async def _retrieve_future(self, request: Request) -> Response:
+        tenant, body = self._tenant(request), await self._json(request)
+        request_id = body.get("request_id")
+        record = self._futures.get(request_id) if isinstance(request_id, str) else None
+        if record is None or record.tenant != tenant:
+            raise NotFoundError(f"future {request_id!r} not found (unknown, or its result was dropped "
+                                f"after {self.max_futures} newer ones)", "request_id")
+        try:
+            await asyncio.wait_for(record.done.wait(), self.hold_s)
+        except asyncio.TimeoutError:
+            return JSONResponse({
+                "type": "try_again", "request_id": request_id, "queue_state": "active",
+                "queue_state_reason": f"queued: server cycle {self.scheduler.cycle}, "
+                                      f"{self.scheduler.queue_depth()} requests waiting",
+            }, status_code=408)
+        if record.error is not None:
+            return JSONResponse({"error": str(record.error), "category": record.error.category})
+        if record.body is not None:
+            return Response(record.body, media_type=_PROTO)
+        return JSONResponse(record.result)
+
+    # ------------------------------------------------------------ runs and checkpoints
+
+    async def _rest(self, request: Request, op: str, args: dict) -> Any:
+        tenant = self._tenant(request)
+        return await self._submit(tenant, op, f"admin:{tenant}", args)
+
+    def _run_id(self, request: Request) -> str:
+        """A training run named by our run id or by the SDK's model id."""
+        name = request.path_params["run_id"]
+        model = self._models.get(name)
+        return model.run_id if model is not None else name
+
+    def _page(self, request: Request) -> dict:
+        try:
+            return {"limit": int(request.query_params.get("limit", 20)),
+                    "offset": int(request.query_params.get("offset", 0))}
+        except ValueError:
+            raise InvalidRequestError("limit and offset must be integers") from None
+
+    async def _list_runs(self, request: Request) -> Response:
+        result = await self._rest(request, "list_training_runs", self._page(request))
+        return JSONResponse({"training_runs": [_run_record(r) for r in result["training_runs"]],
+                             "cursor": result["cursor"]})
+
+    async def _get_run(self, request: Request) -> Response:
+        result = await self._rest(request, "get_training_run", {"run_id": self._run_id(request)})
+        return JSONResponse(_run_record(result))
+
+    async def _list_checkpoints(self, request: Request) -> Response:
+        result = await self._rest(request, "list_checkpoints", {"run_id": self._run_id(request)})
+        return JSONResponse({"checkpoints": [_checkpoint(c) for c in result["checkpoints"]],
+                             "cursor": result.get("cursor")})
+
+    async def _list_user_checkpoints(self, request: Request) -> Response:
+        result = await self._rest(request, "list_user_checkpoints", self._page(request))
+        return JSONResponse({"checkpoints": [_checkpoint(c) for c in result["checkpoints"]],
+                             "cursor": result.get("cursor")})
+
+    def _path(self, request: Request) -> str:
+        params = request.path_params
+        return f"{WB}{self._run_id(request)}/{params['kind']}/{params['name']}"
+
+    async def _delete_checkpoint(self, request: Request) -> Response:
+        await self._rest(request, "delete_checkpoint", {"path": self._path(request)})
+        return Response(status_code=204)
+
+    def _signature(self, tenant: str, path: str, expires: int) -> str:
+        return hmac.new(self._sign_key, f"{tenant}\n{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    async def _download_urls(self, request: Request) -> Response:
+        """Signed per-file URLs (the SDK's download fetches them without its API key)."""
+        tenant = self._tenant(request)
+        path = self._path(request)
+        files = (await self._submit(tenant, "get_checkpoint_files", f"admin:{tenant}", {"path": path}))["files"]
+        expires = int(time.time()) + 3600
+        base = str(request.base_url).rstrip("/")
+        rel = path[len(WB):]
+        urls = {name: f"{base}/api/v1/checkpoint_files/{rel}/{name}?tenant={tenant}&expires={expires}"
+                      f"&sig={self._signature(tenant, f'{rel}/{name}', expires)}" for name in files}
+        return JSONResponse({"urls": urls, "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))})
+
+    async def _download_file(self, request: Request) -> Response:
+        p, q = request.path_params, request.query_params
+        rel = f"{p['run_id']}/{p['kind']}/{p['name']}"
+        tenant, expires = q.get("tenant", ""), int(q.get("expires", "0") or 0)
+        if expires < time.time() or not hmac.compare_digest(
+                q.get("sig", ""), self._signature(tenant, f"{rel}/{p['file']}", expires)):
+            raise AuthenticationError("download link is invalid or expired; ask for new external_weights_urls")
+        files = (await self._submit(tenant, "get_checkpoint_files", f"admin:{tenant}", {"path": WB + rel}))["files"]
+        if p["file"] not in files:
+            raise NotFoundError(f"checkpoint {TINKER}{rel} has no file {p['file']!r}", "file")
+        return Response(bytes(files[p["file"]]), media_type="application/octet-stream")
+
+
+def _prompt_tokens(prompt: Any) -> list[int]:
+    """A ModelInput's JSON ({"chunks": [{"type": "encoded_text", "tokens": [...]}, ...]}) as tokens."""
+    chunks = prompt.get("chunks") if isinstance(prompt, dict) else None
+    if not isinstance(chunks, list):
+        raise InvalidRequestError("prompt must be a ModelInput {chunks: [...]}", "prompt")
+    tokens: list[int] = []
+    for i, chunk in enumerate(chunks):
+        if not isinstance(chunk, dict) or chunk.get("type", "encoded_text") != "encoded_text" \
+                or not isinstance(chunk.get("tokens"), list):
+            raise InvalidRequestError("only encoded_text chunks (token lists) are supported by this server",
+                                      f"prompt.chunks[{i}]")
+        tokens.extend(int(t) for t in chunk["tokens"])
+    return tokens
+
+
+def tokenizer_id(name: str) -> str:
+    """What get_info reports as model_data.tokenizer_id: a local directory the client's
+    AutoTokenizer can load offline (built-in tiny models, local model directories), else
+    the hub id itself (then the client needs it in its own cache)."""
+    import os
+
+    from .tiny import TINY_MODEL_NAMES, tiny_model_dir
+
+    if name in TINY_MODEL_NAMES:
+        return str(tiny_model_dir(name))
+    expanded = os.path.expanduser(name)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else name

@@ -1,0 +1,60 @@
+"""The scheduler's books alone (no engine, no sockets): fair shares, prefixes, shutdown."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.scheduler import Scheduler, Work
+from workbench.errors import QueueFullError, ServerError
+
+
+def work(op: str, tenant: str, queue: str, tokens: int = 0) -> Work:
+    return Work(op, tenant, queue, {}, done=lambda result, error: None, tokens=tokens)
+
+
+def taken(plan) -> list[tuple[str, str]]:
+    return [(w.queue, w.op) for w in plan.works()]
+
+
+def test_a_flooding_tenant_gets_its_share_and_the_other_tenant_its_step():
+    books = Scheduler(cycle_tokens=40)
+    for _ in range(10):
+        books.submit(work("forward", "flood", "run-a", tokens=15))
+    books.submit(work("forward_backward", "quiet", "run-b", tokens=15))
+    books.submit(work("optim_step", "quiet", "run-b"))
+    first = taken(books.next_plan())
+    assert first.count(("run-a", "forward")) == 1  # 40 tokens / 2 tenants = 20 each: 15, then 15 > 5 left
+    assert ("run-b", "forward_backward") in first and ("run-b", "optim_step") in first
+    cycles = 1
+    while books.queue_depth():
+        plan = taken(books.next_plan())
+        cycles += 1
+        assert len(plan) <= 2  # alone, the flood may use all 40 tokens: 15 + 15 (+ 15 > 10 left)
+    assert cycles == 6  # 1 + ceil(9 / 2)
+
+
+def test_without_a_cap_a_run_takes_its_whole_prefix_up_to_one_optim_step():
+    books = Scheduler()
+    for op in ("forward_backward", "forward_backward", "optim_step", "forward_backward", "optim_step"):
+        books.submit(work(op, "t", "run", tokens=1000))
+    assert [op for _, op in taken(books.next_plan())] == ["forward_backward", "forward_backward", "optim_step"]
+    assert [op for _, op in taken(books.next_plan())] == ["forward_backward", "optim_step"]
+
+
+def test_the_first_request_of_a_run_is_taken_even_over_the_share():
+    books = Scheduler(cycle_tokens=10)
+    books.submit(work("forward_backward", "t", "run", tokens=500))
+    books.submit(work("optim_step", "t", "run"))
+    assert [op for _, op in taken(books.next_plan())] == ["forward_backward", "optim_step"]
+
+
+def test_queue_limit_and_close():
+    books = Scheduler(queue_limit=2)
+    books.submit(work("forward", "t", "run"))
+    books.submit(work("forward", "t", "run"))
+    with pytest.raises(QueueFullError, match="limit 2"):
+        books.submit(work("forward", "t", "run"))
+    books.submit(work("forward", "other", "run-2"))  # the limit is per tenant
+    assert len(books.close()) == 3 and books.queue_depth() == 0
+    with pytest.raises(ServerError, match="shutting down"):
+        books.submit(work("forward", "t", "run"))
