@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-limit", type=int, default=256,
                         help="max queued requests per tenant before 'queue full' errors")
     parser.add_argument("--cycle-tokens", type=int, default=65536,
-                        help="train tokens per cycle, split equally between the tenants that "
+                        help="engine tokens (trained + sampled) per cycle, split equally between the tenants that "
                         "have work, so one flooding tenant cannot starve the others; 0 = no cap "
                         "(default 65536)")
     parser.add_argument("--session-timeout", type=float, default=120.0, metavar="SECONDS",
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     from .frontend import Frontend
     from .runner import CycleRunner
     from .scheduler import Scheduler, finish, run_loop
+    from .store import Store
     from workbench.errors import ServerError
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -257,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise SystemExit(f"--models: {exc}")
         log(f"loaded {name} on {engine.device}")
-    from .store import Store
-
     store = Store(Path(args.store) if args.store else default_store())
     scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens)
     runner = CycleRunner(engine, store)

@@ -116,7 +116,7 @@ class Frontend:
 
     def publish(self, topic: str, event: dict) -> None:
         """Queue an event for the PUB socket (thread-safe)."""
-        self._outbox.put((b"", "", "event", {"topic": topic, **event}))
+        self._outbox.put((b"", "", "event", {"v": wire.PROTOCOL_VERSION, "topic": topic, **event}))
         self._wake()
 
     def stop(self) -> None:

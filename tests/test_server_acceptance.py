@@ -285,6 +285,7 @@ def test_cycle_events_carry_figures_and_per_run_metrics(alice, tokenizer):
         events.close()
     event = next(e for e in seen if client.model_id in e["run_metrics"])
     assert {"cycle", "start", "seconds", "tenants", "runs", "requests", "tokens", "queue_depth"} <= event.keys()
+    assert event["v"] == wire.PROTOCOL_VERSION and event["topic"] == "cycle"
     assert event["requests"]["forward_backward"] >= 1 and event["tokens"] > 0 and event["tenants"] >= 1
     assert abs(event["start"] - time.time()) < 60
     assert event["run_metrics"][client.model_id]["forward_backward"]["loss:sum"] == pytest.approx(loss)

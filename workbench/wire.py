@@ -17,6 +17,12 @@ Envelopes::
     event    {"v": PROTOCOL_VERSION, "topic": str, ...}            (PUB socket, one frame
                                                                    topic + message frames)
 
+Events (PUB socket at hello's events_url), by topic:
+
+    cycle    {cycle, start (unix s), seconds, tenants, runs, requests: {op: count}, tokens,
+              queue_depth, run_metrics: {run or sampler id: {op: metrics}}}
+    session  {session, state: "parked" | "resumed", runs}
+
 Ops (args -> result; arrays are numpy on both sides):
 
     hello                    {client}                         -> {protocol, server, tenant}

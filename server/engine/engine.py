@@ -20,6 +20,7 @@ from . import losses as L
 from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
 from .optim import AdapterOptimizer
+from .attention import FLEX_BLOCK, attention_implementation, flex_document_mask, resolve_attention, sdpa_document_mask
 from .packing import build_micro_batch, plan_micro_batches
 from .sampler import SampleOutput, SampleRequest, generate
 
@@ -110,6 +111,8 @@ class Engine:
         lora_impl: str = "auto",
         max_resident_adapters: Optional[int] = None,
         offload_device: str = "cpu",
+        attention: str = "auto",
+        row_length: Optional[int] = None,
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
         matmul pair per adapter span) or "auto" (grouped where torch has it). Same results.
@@ -117,6 +120,14 @@ class Engine:
         `max_resident_adapters`: beyond this many adapters on the device, the least recently
         used ones (weights, gradients, AdamW state) move to `offload_device` until next used.
         None = no limit. A single pass that needs more adapters keeps them all resident.
+
+        `attention`: how packed rows keep sequences apart: "sdpa_mask" (explicit [R,1,L,L]
+        mask), "flex" (FlexAttention with a document BlockMask; forward-only on CPU) or
+        "auto" (flex on CUDA, sdpa_mask on CPU). Same results.
+
+        `row_length`: packed rows are max(row_length, longest sequence) tokens long; several
+        short sequences share a row (first-fit-decreasing). None = the longest sequence.
+        `token_budget` counts row tokens (rows * row length, padding included).
         """
         if max_resident_adapters is not None and max_resident_adapters < 1:
             raise ValueError(f"max_resident_adapters must be >= 1 or None, got {max_resident_adapters}")
@@ -124,6 +135,8 @@ class Engine:
         self.token_budget = token_budget
         self.logprob_chunk = logprob_chunk
         self.lora_impl = resolve_lora_impl(lora_impl)
+        self.attention = resolve_attention(attention, self.device)
+        self.row_length = row_length
         self.bases: dict[str, BaseModel] = {}
         self.adapters: dict[str, Adapter] = {}
         self._next_slot = 0
@@ -338,6 +351,8 @@ class Engine:
                 valid.append(k)
             except EngineInputError as exc:
                 results[k] = exc
+        if backward and valid and self.attention == "flex" and self.device.type == "cpu":
+            raise ValueError("attention 'flex' has no backward on CPU in this torch; use 'sdpa_mask'")
         self._use(items[k].adapter_id for k in valid)
         by_base: dict[str, list[int]] = {}
         for k in valid:
@@ -356,15 +371,17 @@ class Engine:
                 seqs.append((k, d, datum.tokens, slot))
         logprobs: list[list[Optional[np.ndarray]]] = [[None] * len(it.data) for it in items]
         loss_sums = [0.0] * len(items)
-        plan = plan_micro_batches([len(s[2]) for s in seqs], [s[3] for s in seqs], self.token_budget)
-        for group in plan:
+        tokens, slots = [s[2] for s in seqs], [s[3] for s in seqs]
+        plan = plan_micro_batches([len(t) for t in tokens], slots, self.token_budget, self.row_length)
+        pad = base.tokenizer.pad_token_id
+        for rows in plan:
             batch = build_micro_batch(
-                [seqs[i][2] for i in group], group, [seqs[i][3] for i in group],
-                base.dtype, base.device,
+                rows, tokens, slots, base.device, pad_id=int(pad) if pad is not None else 0,
+                row_multiple=FLEX_BLOCK if self.attention == "flex" and base.device.type == "cuda" else 1,
             )
             targets = torch.cat([
-                torch.as_tensor(items[seqs[i][0]].data[seqs[i][1]].inputs["target_tokens"])
-                for i in group
+                torch.as_tensor(items[seqs[seq.key][0]].data[seqs[seq.key][1]].inputs["target_tokens"])
+                for seq in batch.sequences
             ]).to(base.device, torch.long)
             with torch.set_grad_enabled(backward):
                 lp_T = self._target_logprobs(base, batch, targets)  # [T]
@@ -389,16 +406,24 @@ class Engine:
         ]
 
     def _target_logprobs(self, base: BaseModel, batch, targets: torch.Tensor) -> torch.Tensor:
+        """Target logprobs [T] of the batch's real tokens, in compact (sequence) order."""
         decoder = base.model.get_decoder()
-        with LoRARouting(base.lora_layers, batch.spans):
+        if self.attention == "flex":
+            mask = flex_document_mask(batch.doc_ids)
+        else:
+            mask = sdpa_document_mask(batch.doc_ids, base.dtype)
+        with LoRARouting(base.lora_layers, batch.spans), attention_implementation(base.model, self.attention):
             hidden = decoder(
                 input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                attention_mask=mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
-            ).last_hidden_state[0]  # [T, H]
+            ).last_hidden_state  # [R, L, H]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if batch.token_index is not None:  # drop padding before the (vocab-sized) head
+            hidden = hidden.index_select(0, batch.token_index)
         head = base.model.get_output_embeddings()
-        return L.target_logprobs(head, hidden, targets, batch.spans, self.logprob_chunk)
+        return L.target_logprobs(head, hidden, targets, batch.compact_spans, self.logprob_chunk)
 
     def optim_step(self, adapter_id: str, adam: Mapping[str, float]) -> dict[str, float]:
         adapter = self.adapter(adapter_id)

@@ -1,13 +1,18 @@
-"""Padding-free packing of variable-length sequences into micro-batches.
+"""Padding-light packing of variable-length sequences into micro-batches of rows.
 
-Sequences (from many adapters) are concatenated into one row per micro-batch under a
-token budget. Positions restart at 0 for every sequence and attention never crosses a
-sequence boundary.
+Sequences (from many adapters) are packed first-fit-decreasing into rows of L tokens (L =
+the longest sequence, or a configured row length if larger), and rows are grouped into
+micro-batches of at most `token_budget` row tokens (R * L). Positions restart at 0 for every
+sequence and attention never crosses a sequence boundary (see attention.py). The tail of a
+row that no sequence fills is padding: no adapter owns it, no loss reads it.
 
-Footgun (seen with transformers 5.23 on CPU): position_ids that restart per sequence do
-NOT by themselves stop attention across sequences under the sdpa or eager kernels. We
-pass an explicit 4D additive block-diagonal causal mask, which transformers uses as is.
-The mask costs O(tokens^2) memory, hence the budget.
+Why rows rather than one long row: attention over one row of T tokens costs T^2 (and an
+explicit T x T mask), while R rows of L cost R * L^2, i.e. about sum(len_i^2) when sequences
+are of similar length.
+
+Footgun (seen with transformers 5.23 on CPU): position_ids that restart per sequence do NOT
+by themselves stop attention across sequences under the sdpa or eager kernels. The engine
+passes an explicit mask built from `MicroBatch.doc_ids`.
 """
 
 from __future__ import annotations
@@ -24,86 +29,138 @@ from .lora import Span
 class PackedSequence:
     key: int  # the caller's index of this sequence
     slot: Optional[int]  # adapter slot; None = base model only
-    start: int  # offset in the packed row
+    start: int  # offset in the compact [T] order of real tokens (targets, logprobs)
     length: int
+    flat_start: int  # offset in the flattened [R * L] layout (row * L + column)
 
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [1, T] int64
-    position_ids: torch.Tensor  # [1, T] int64
-    attention_mask: torch.Tensor  # [1, 1, T, T] additive, 0 = attend, min = masked
-    sequences: list[PackedSequence]
-    spans: list[Span]  # adapter routing over the T tokens
+    input_ids: torch.Tensor  # [R, L] int64; padding holds pad tokens
+    position_ids: torch.Tensor  # [R, L] int64, restarting per sequence (and for padding)
+    doc_ids: torch.Tensor  # [R, L] int64: index of the token's sequence in `sequences`, -1 = padding
+    sequences: list[PackedSequence]  # in layout order
+    spans: list[Span]  # adapter routing over the flattened R * L tokens (padding in none)
+    token_index: Optional[torch.Tensor]  # int64 [T]: flat position of each real token; None = no padding
+    compact_spans: list[Span]  # adapter routing over the T real tokens in compact order
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        """Real (non-padding) tokens."""
+        return sum(s.length for s in self.sequences)
+
+    @property
+    def row_tokens(self) -> int:
+        """R * L, padding included: what the budget counts."""
+        return int(self.input_ids.numel())
+
+
+def pack_rows(lengths: Sequence[int], order: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing: indices (from `order`) into rows of at most `row_length` tokens.
+
+    Ties in length keep `order`. Within a row, and across rows, sequences are then laid out
+    in `order` (rows sorted by their first member) so an adapter's sequences stay as close
+    together as possible, which keeps LoRA routing to few spans.
+    """
+    rank = {i: r for r, i in enumerate(order)}
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(order, key=lambda i: (-lengths[i], rank[i])):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max(row_length, lengths[i]) - lengths[i])
+    for row in rows:
+        row.sort(key=rank.__getitem__)
+    rows.sort(key=lambda row: rank[row[0]])
+    return rows
 
 
 def plan_micro_batches(
-    lengths: Sequence[int], slots: Sequence[Optional[int]], token_budget: int
-) -> list[list[int]]:
-    """Group sequence indices into micro-batches of at most `token_budget` tokens.
+    lengths: Sequence[int],
+    slots: Sequence[Optional[int]],
+    token_budget: int,
+    row_length: Optional[int] = None,
+) -> list[list[list[int]]]:
+    """Micro-batches (lists of rows, each a list of sequence indices) under `token_budget`.
 
-    Sequences stay grouped by adapter (so each adapter owns contiguous spans) and keep their
-    order within an adapter. A sequence longer than the budget gets a micro-batch of its own.
+    The row length L is max(row_length, longest sequence); a micro-batch holds
+    max(1, token_budget // L) rows, so R * L <= token_budget unless one row alone exceeds it.
+    Sequences are ordered by adapter (then by index) before packing.
     """
+    if not lengths:
+        return []
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
     order = sorted(range(len(lengths)), key=lambda i: (slots[i] is None, slots[i] or 0, i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i in order:
-        if current and used + lengths[i] > token_budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
+    width = max(row_length or 0, max(lengths))
+    rows = pack_rows(lengths, order, width)
+    per_batch = max(1, token_budget // width)
+    return [rows[b:b + per_batch] for b in range(0, len(rows), per_batch)]
 
 
-def block_causal_mask(lengths: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[1, 1, T, T] additive mask: causal within each sequence, nothing across sequences."""
-    total = int(sum(lengths))
-    doc = torch.repeat_interleave(
-        torch.arange(len(lengths), device=device), torch.tensor(list(lengths), device=device)
-    )  # [T] sequence index of every token
-    pos = torch.arange(total, device=device)
-    allowed = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])  # [T, T]
-    mask = torch.zeros(total, total, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+def _add_span(spans: list[Span], slot: Optional[int], start: int, end: int) -> None:
+    if slot is None:
+        return
+    if spans and spans[-1][0] == slot and spans[-1][2] == start:
+        spans[-1] = (slot, spans[-1][1], end)
+    else:
+        spans.append((slot, start, end))
 
 
 def build_micro_batch(
+    rows: Sequence[Sequence[int]],
     tokens: Sequence[Sequence[int]],
-    keys: Sequence[int],
     slots: Sequence[Optional[int]],
-    dtype: torch.dtype,
     device: torch.device,
+    pad_id: int = 0,
+    row_multiple: int = 1,
 ) -> MicroBatch:
-    """Pack the given sequences (already grouped by slot) into one row."""
-    lengths = [len(t) for t in tokens]
-    flat = [int(t) for seq in tokens for t in seq]
-    input_ids = torch.tensor(flat, dtype=torch.long, device=device)[None]
-    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-    sequences, spans = [], []
-    offset = 0
-    for key, slot, n in zip(keys, slots, lengths):
-        sequences.append(PackedSequence(key=key, slot=slot, start=offset, length=n))
-        if slot is not None:
-            if spans and spans[-1][0] == slot and spans[-1][2] == offset:
-                spans[-1] = (slot, spans[-1][1], offset + n)
-            else:
-                spans.append((slot, offset, offset + n))
-        offset += n
-    assert offset == input_ids.shape[1]
+    """Lay out the given rows (sequence indices into `tokens` / `slots`) as one micro-batch.
+
+    The row length is the longest row's content rounded up to `row_multiple` (FlexAttention
+    on CUDA wants whole blocks).
+    """
+    width = max(sum(len(tokens[i]) for i in row) for row in rows)
+    width = -(-width // row_multiple) * row_multiple
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    doc_ids = torch.full((n_rows, width), -1, dtype=torch.long)
+    sequences: list[PackedSequence] = []
+    spans: list[Span] = []
+    compact_spans: list[Span] = []
+    flat_index = []
+    compact = 0
+    for r, row in enumerate(rows):
+        column = 0
+        for i in row:
+            n = len(tokens[i])
+            input_ids[r, column:column + n] = torch.as_tensor(tokens[i], dtype=torch.long)
+            position_ids[r, column:column + n] = torch.arange(n)
+            doc_ids[r, column:column + n] = len(sequences)
+            flat = r * width + column
+            sequences.append(PackedSequence(key=i, slot=slots[i], start=compact, length=n, flat_start=flat))
+            _add_span(spans, slots[i], flat, flat + n)
+            _add_span(compact_spans, slots[i], compact, compact + n)
+            flat_index.append(torch.arange(flat, flat + n))
+            column += n
+            compact += n
+        # padding positions restart too, so they stay inside the rotary tables
+        position_ids[r, column:] = torch.arange(width - column)
+    token_index = None
+    if compact != n_rows * width:
+        token_index = torch.cat(flat_index).to(device)
     return MicroBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=block_causal_mask(lengths, dtype, device),
+        input_ids=input_ids.to(device),
+        position_ids=position_ids.to(device),
+        doc_ids=doc_ids.to(device),
         sequences=sequences,
         spans=spans,
+        token_index=token_index,
+        compact_spans=compact_spans,
     )

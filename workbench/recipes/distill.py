@@ -38,6 +38,7 @@ class Config(common.BaseConfig):
     group_size: int = 4  # student samples per prompt (on_policy)
     max_tokens: int = 16  # sampling budget per answer
     kl_coef: float = 1.0  # scale of the reverse-KL advantage (on_policy)
+    keep_unended: bool = False  # off_policy: also train on teacher answers cut by max_tokens
 
 
 def main(config: Config) -> common.RecipeResult:
@@ -76,22 +77,25 @@ def on_policy(training, teacher, renderer, problems, config: Config, log, start:
         common.maybe_save(training, config, step)
 
 
-def teacher_conversations(teacher, renderer, problems, max_tokens: int) -> list[list[dict]]:
-    """Each problem's prompt plus the teacher's greedy answer (answers cut by max_tokens are
-    dropped: they never ended their turn, so they would teach the student not to stop)."""
+def teacher_conversations(teacher, renderer, problems, max_tokens: int,
+                          keep_unended: bool = False) -> list[list[dict]]:
+    """Each problem's prompt plus the teacher's greedy answer. Answers cut by max_tokens are
+    dropped unless `keep_unended`: the rendered conversation closes the turn the teacher
+    never closed, so they teach the student to stop where the teacher did not."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.get_stop_sequences())
     futures = [teacher.sample(renderer.build_generation_prompt(p.prompt_messages()), 1, params)
                for p in problems]
     out = []
     for problem, future in zip(problems, futures):
         message, ended = renderer.parse_response(future.result().sequences[0].tokens)
-        if ended:
+        if ended or keep_unended:
             out.append(problem.prompt_messages() + [{"role": "assistant", "content": message["content"]}])
     return out
 
 
 def off_policy(training, teacher, renderer, problems, config: Config, log, start: int) -> None:
-    conversations = teacher_conversations(teacher, renderer, problems, config.max_tokens)
+    conversations = teacher_conversations(teacher, renderer, problems, config.max_tokens,
+                                          config.keep_unended)
     if len(conversations) < config.groups_per_batch:
         raise ValueError(f"the teacher ended only {len(conversations)} of {len(problems)} answers "
                          f"within max_tokens={config.max_tokens}; fewer than groups_per_batch")

@@ -73,8 +73,10 @@ def dpo_loss_fn(ref_pairs: list[tuple[float, float]], beta: float):
         ref = torch.tensor(ref_pairs, dtype=chosen.dtype)  # [pairs, 2]
         margin = beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))
         loss = -F.logsigmoid(margin).mean()
-        return loss, {"dpo/margin": float(margin.mean()), "dpo/accuracy": float((margin > 0).float().mean()),
-                      "dpo/chosen_logprob": float(chosen.mean()), "dpo/rejected_logprob": float(rejected.mean())}
+        m = margin.detach()
+        return loss, {"dpo/margin": float(m.mean()), "dpo/accuracy": float((m > 0).float().mean()),
+                      "dpo/chosen_logprob": float(chosen.detach().mean()),
+                      "dpo/rejected_logprob": float(rejected.detach().mean())}
 
     return loss_fn
 
