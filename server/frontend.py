@@ -257,7 +257,8 @@ class Frontend:
         if op == "hello":
             return {
                 "protocol": wire.PROTOCOL_VERSION, "server": SERVER_VERSION, "tenant": tenant,
-                "events_url": self.events_url, "cycle": self.scheduler.cycle, **self.info(),
+                "events_url": self.events_url, "cycle": self.scheduler.cycle,
+                "max_message_bytes": self.max_message_bytes, **self.info(),
             }
         if op == "ping":
             return {"time": time.time(), "cycle": self.scheduler.cycle}

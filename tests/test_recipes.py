@@ -150,10 +150,12 @@ def test_dpo_margin_and_held_out_preference_rise(server, tmp_path):
 # ------------------------------------------------------------------------ distill
 
 def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):
-    _, teacher = sft_run
-    config = distill.Config(**run_kwargs(server, tmp_path, "distill"), teacher_path=teacher.sampler_path,
-                            n_steps=8, groups_per_batch=4, group_size=4, max_tokens=8, n_train=16,
-                            learning_rate=2e-2)
+    """Student: the SFT run's weights; teacher: the base model (teacher_path None). The
+    student samples its own answers and is pulled back toward the teacher token by token."""
+    _, student_start = sft_run
+    config = distill.Config(**run_kwargs(server, tmp_path, "distill"), load_checkpoint_path=student_start.state_path,
+                            n_steps=6, groups_per_batch=4, group_size=4, max_tokens=8, n_train=16,
+                            learning_rate=1e-2)
     rows = distill.main(config).metrics
     kls = [r["kl/sampler_reference"] for r in rows]
     print("distill reverse KL per step", [round(k, 3) for k in kls])

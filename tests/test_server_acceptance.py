@@ -448,6 +448,17 @@ def test_oversized_messages_get_an_error_or_are_dropped(server):
     assert server.process.poll() is None
 
 
+def test_sdk_refuses_an_oversized_request_before_sending(alice, tokenizer):
+    client = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=11)
+    ids = np.arange(2**18) % 1000  # 1 MiB of int32 tokens, plus its targets and weights
+    big = types.Datum(model_input=types.ModelInput.from_ints(ids.tolist()),
+                      loss_fn_inputs={"target_tokens": ids, "weights": np.ones(len(ids))})
+    with pytest.raises(wb.InvalidRequestError, match="over the server's limit of 1.0 MiB.*--max-message-mb"):
+        client.forward([big], "cross_entropy").result(30)
+    # The client stays usable.
+    assert client.forward([datum(tokenizer, "small")], "cross_entropy").result(60).metrics
+
+
 def test_silent_session_is_parked_and_comes_back(server, alice, tokenizer):
     events = Events(events_url(alice), b"session")
     raw = Raw(server.url, "key-a")

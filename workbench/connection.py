@@ -86,6 +86,7 @@ class Connection:
         request_id = f"{uuid.uuid4().hex[:12]}-{next(_ids)}"
         try:
             frames = wire.encode(wire.request(request_id, op, self.api_key, args))
+            self._check_size(op, frames)
         except Exception as exc:
             future._set_exception(exc)
             return future
@@ -93,6 +94,19 @@ class Connection:
         with self._wake_lock:
             self._wake_push.send(b"")
         return future
+
+    def _check_size(self, op: str, frames: list) -> None:
+        # A message over the server's limit would be refused (or its connection dropped by
+        # ZeroMQ), so refuse it here with the figures and the remedy instead.
+        limit = (getattr(self, "hello", None) or {}).get("max_message_bytes")
+        if limit:
+            size = sum(len(f) for f in frames)
+            if size > limit:
+                raise InvalidRequestError(
+                    f"this {op} request is {size / 2**20:.1f} MiB, over the server's limit of "
+                    f"{limit / 2**20:.1f} MiB: split the batch into smaller calls, or start the "
+                    "server with a larger --max-message-mb", "args",
+                )
 
     def add_session(self, session_id: str) -> None:
         """Heartbeat this session from now on; the first beat goes out at once, and its
