@@ -154,7 +154,7 @@ def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):
     student samples its own answers and is pulled back toward the teacher token by token."""
     _, student_start = sft_run
     config = distill.Config(**run_kwargs(server, tmp_path, "distill"), load_checkpoint_path=student_start.state_path,
-                            n_steps=6, groups_per_batch=4, group_size=4, max_tokens=8, n_train=16,
+                            n_steps=4, groups_per_batch=4, group_size=4, max_tokens=8, n_train=16,
                             learning_rate=1e-2)
     rows = distill.main(config).metrics
     kls = [r["kl/sampler_reference"] for r in rows]
