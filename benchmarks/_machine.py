@@ -67,17 +67,28 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    """Minimum seconds of `fn` over `repeats` runs after `warmup` runs.
+
+    The minimum, not the median: on a shared machine other load only ever adds time.
+    """
+    return timed_interleaved([fn], device, repeats, warmup)[0]
+
+
+def timed_interleaved(fns: list[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Minimum seconds of each function, running them in turn each repeat, so a burst of
+    outside load hits all of them alike rather than one configuration."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):

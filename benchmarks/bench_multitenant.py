@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from _machine import MODELS, build_model, default_dtype, emit, engine_with_model, machine, pick_device, timed
+from _machine import MODELS, build_model, default_dtype, emit, engine_with_model, machine, pick_device, timed_interleaved
 
 ADAM = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,26 +82,34 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lora-impl", default="auto", choices=["auto", "loop", "grouped"],
+                        help="the engine's LoRA math")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa_mask", "flex"])
+    parser.add_argument("--row-length", type=int, default=None, help="packed row length (default: longest sequence)")
     args = parser.parse_args()
     device = pick_device(args.device)
     dtype = default_dtype(device)
     for k in [int(x) for x in args.ks.split(",")]:
-        engine = engine_with_model(args.model, device, dtype)
+        engine = engine_with_model(args.model, device, dtype, lora_impl=args.lora_impl,
+                                   attention=args.attention, row_length=args.row_length)
+        lora_impl, attention = engine.lora_impl, engine.attention
         base = engine.bases[args.model]
         data = make_data(k, args.seqs, args.tokens, min(base.vocab_size, 4096))
-        engine_s = timed(engine_step_fn(engine, args.model, data, args.rank), device, args.repeats)
-        del engine, base
         model, _ = build_model(args.model, device, dtype)
         model.requires_grad_(False)
-        peft_s = timed(peft_step_fn(model, data, args.rank, device), device, args.repeats)
-        del model
+        engine_s, peft_s = timed_interleaved(
+            [engine_step_fn(engine, args.model, data, args.rank), peft_step_fn(model, data, args.rank, device)],
+            device, args.repeats,
+        )
+        del engine, base, model
         tokens = k * args.seqs * args.tokens
         emit({
             "bench": "multitenant", "model": args.model, "adapters": k, "seqs_per_adapter": args.seqs,
             "tokens_per_seq": args.tokens, "rank": args.rank, "tokens": tokens,
             "engine_s": round(engine_s, 4), "peft_serial_s": round(peft_s, 4),
             "engine_tokens_per_s": round(tokens / engine_s, 1), "peft_tokens_per_s": round(tokens / peft_s, 1),
-            "speedup": round(peft_s / engine_s, 3), "machine": machine(device, dtype),
+            "speedup": round(peft_s / engine_s, 3), "lora_impl": lora_impl, "attention": attention,
+            "machine": machine(device, dtype),
         })
 
 

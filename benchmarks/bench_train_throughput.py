@@ -43,7 +43,7 @@ def main() -> None:
         "bench": "train_throughput", "model": args.model, "params": params, "adapters": args.adapters,
         "tokens": tokens, "rank": args.rank, "seconds": round(seconds, 4), "tokens_per_s": round(tps, 1),
         "flops_per_token": 4 * params, "mfu": None if peak is None else round(4 * params * tps / peak, 4),
-        "lora_impl": engine.lora_impl, "machine": machine(device, dtype),
+        "lora_impl": engine.lora_impl, "attention": engine.attention, "machine": machine(device, dtype),
     })
 
 

@@ -147,7 +147,10 @@ def attention_implementation(model: nn.Module, mode: str) -> Iterator[None]:
         yield
         return
     _register()
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation_internal")}
+    configs = {
+        id(m.config): m.config for m in model.modules()
+        if hasattr(getattr(m, "config", None), "_attn_implementation_internal")
+    }
     saved = {key: cfg._attn_implementation_internal for key, cfg in configs.items()}
     try:
         for cfg in configs.values():
