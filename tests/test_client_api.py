@@ -170,6 +170,19 @@ def test_listeners_see_step_kind_metrics(service):
     assert all("loss:sum" in m for _, k, m in seen if k != "optim_step")
     assert all(m for _, k, m in seen if k == "optim_step")  # the server's step metrics
 
+    # forward_backward_custom reports once, with the custom loss's own metrics (not its
+    # probe forward nor the surrogate cross_entropy).
+    seen.clear()
+
+    def custom(data, logprobs):
+        loss = -2.0 * sum(lp.sum() for lp in logprobs)
+        return loss, {"margin:mean": 0.5}
+
+    out = training.forward_backward_custom(data, custom).result(60)
+    assert [(s, k) for s, k, _ in seen] == [(2, "forward_backward")]
+    assert seen[0][2] == out.metrics and seen[0][2]["margin:mean"] == 0.5
+    assert seen[0][2]["loss:sum"] == pytest.approx(-2.0 * float(np.sum(out.loss_fn_outputs[0]["logprobs"].to_numpy())), rel=1e-5)
+
     sampler = training.save_weights_and_get_sampling_client("listened")
     got: list = []
     sampler.add_listener(lambda step, kind, metrics: got.append((step, kind, metrics)))

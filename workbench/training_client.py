@@ -90,7 +90,7 @@ class TrainingClient:
         """Like forward_backward, without gradients."""
         return self._forward("forward", data, loss_fn, loss_fn_config)
 
-    def _forward(self, op, data, loss_fn, loss_fn_config) -> APIFuture[types.ForwardBackwardOutput]:
+    def _forward(self, op, data, loss_fn, loss_fn_config, watch: bool = True) -> APIFuture[types.ForwardBackwardOutput]:
         data = [d if isinstance(d, types.Datum) else types.Datum.model_validate(d) for d in data]
         try:
             validate_forward(data, loss_fn, loss_fn_config)
@@ -106,7 +106,8 @@ class TrainingClient:
             "loss_fn_config": dict(loss_fn_config or {}),
         }
         future = map_future(self._connection.call(op, args), wire.forward_output_from_wire)
-        self._watch(future, op, lambda out: out.metrics)
+        if watch:
+            self._watch(future, op, lambda out: out.metrics)
         return future
 
     def forward_backward_custom(
@@ -130,7 +131,9 @@ class TrainingClient:
         # Pass 1 only needs the target logprobs: the user's own inputs (weights, masks, ...)
         # are for their loss_fn, so the forward gets zero weights of the right length.
         probe = [self._linear_datum(d, np.zeros(d.model_input.length, np.float32)) for d in data]
-        forward_out = self.forward(probe, "cross_entropy", None).result()
+        # Listeners see neither pass 1 nor the surrogate cross_entropy: they get one
+        # forward_backward carrying the custom loss's metrics, below.
+        forward_out = self._forward("forward", probe, "cross_entropy", None, watch=False).result()
         logprobs = [
             torch.tensor(out["logprobs"].to_numpy(), dtype=torch.float32, requires_grad=True)
             for out in forward_out.loss_fn_outputs
@@ -142,14 +145,16 @@ class TrainingClient:
             for datum, lp, grad in zip(data, logprobs, grads)
         ]
         custom_metrics = {"loss:sum": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
-        return map_future(
-            self.forward_backward(linear, "cross_entropy"),
+        future = map_future(
+            self._forward("forward_backward", linear, "cross_entropy", None, watch=False),
             lambda out: types.ForwardBackwardOutput(
                 loss_fn_output_type=out.loss_fn_output_type,
                 loss_fn_outputs=out.loss_fn_outputs,
                 metrics=custom_metrics,
             ),
         )
+        self._watch(future, "forward_backward", lambda out: out.metrics)
+        return future
 
     @staticmethod
     def _linear_datum(datum: types.Datum, weights: np.ndarray) -> types.Datum:

@@ -134,7 +134,7 @@ class Engine:
         self.device = resolve_device(device)
         self.token_budget = token_budget
         self.logprob_chunk = logprob_chunk
-        self.lora_impl = resolve_lora_impl(lora_impl)
+        self.lora_impl = resolve_lora_impl(lora_impl, self.device)
         self.attention = resolve_attention(attention, self.device)
         self.row_length = row_length
         self.bases: dict[str, BaseModel] = {}
@@ -165,7 +165,7 @@ class Engine:
 
     def set_lora_impl(self, impl: str) -> None:
         """Switch every loaded model's LoRA math ("auto", "loop" or "grouped")."""
-        self.lora_impl = resolve_lora_impl(impl)
+        self.lora_impl = resolve_lora_impl(impl, self.device)
         for base in self.bases.values():
             for layer in base.lora_layers.values():
                 layer.impl = self.lora_impl

@@ -95,14 +95,20 @@ def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[Rou
 
 
 LORA_IMPLS = ("auto", "loop", "grouped")
+# What "auto" picks on CPU, from benchmarks/bench_multitenant.py --device cpu --lora-impl
+# {loop,grouped} (torch 2.13): grouped was faster at K = 1, 4 and 8 (see the benchmark notes).
+CPU_AUTO_LORA_IMPL = "grouped"
 
 
-def resolve_lora_impl(impl: str) -> str:
-    """'auto' -> 'grouped' when this torch has torch._grouped_mm, else 'loop'."""
+def resolve_lora_impl(impl: str, device: Optional[torch.device] = None) -> str:
+    """'auto' -> CPU_AUTO_LORA_IMPL on CPU; elsewhere 'grouped' when this torch has
+    torch._grouped_mm, else 'loop'."""
     if impl not in LORA_IMPLS:
         raise ValueError(f"lora_impl must be one of {', '.join(LORA_IMPLS)}, got {impl!r}")
     if impl == "auto":
-        return "grouped" if hasattr(torch, "_grouped_mm") else "loop"
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        preferred = CPU_AUTO_LORA_IMPL if on_cpu else "grouped"
+        return "grouped" if preferred == "grouped" and hasattr(torch, "_grouped_mm") else "loop"
     if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
         raise ValueError("lora_impl 'grouped' needs torch._grouped_mm, which this torch lacks")
     return impl
