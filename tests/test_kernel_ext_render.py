@@ -208,6 +208,25 @@ def test_rollout_dashboard_flags_zero_variance_groups():
     dash.close()
 
 
+def test_rollout_dashboard_reads_workbench_rl_trajectory_groups():
+    from workbench import types
+    from workbench.rl.types import TokensWithLogprobs, Trajectory, TrajectoryGroup, Transition
+
+    def traj(reward, tokens):
+        action = TokensWithLogprobs(tokens=tokens, logprobs=[-0.5] * len(tokens))
+        return Trajectory([Transition(types.ModelInput.from_ints([1]), action, reward, True)],
+                          types.ModelInput.empty())
+
+    group = TrajectoryGroup([traj(1.0, [5, 6]), traj(0.0, [7])], group_rewards=[0.0, 0.5])
+    dash = RolloutDashboard()
+    dash.add_group(group)
+    dash.flush()
+    (g,) = dash.groups
+    assert g.rewards == [1.0, 0.5] and [s.advantage for s in g.samples] == [0.25, -0.25]
+    assert g.samples[0].tokens == [5, 6] and g.samples[1].logprobs == [-0.5]
+    dash.close()
+
+
 def test_rollout_dashboard_consumes_a_stream_in_the_background():
     gate = threading.Event()
 

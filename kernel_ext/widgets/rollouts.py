@@ -1,6 +1,7 @@
 """Rollout dashboard: RL rollout groups -> samples with reward, advantage, logprob strips.
 
-A group is anything with `samples` (attribute or key) or a plain list of samples; a sample
+A group is a `workbench.rl` TrajectoryGroup, anything with `samples` (attribute or key) or
+a plain list of samples; a sample
 is a dict or object with `reward` and optionally `advantage`, `tokens`, `logprobs`, `text`.
 A missing advantage is reward minus the group's mean reward (what GRPO-style training uses
 before any normalisation). Groups whose rewards are all equal carry no learning signal
@@ -54,8 +55,21 @@ class Group:
         return max(self.rewards) - min(self.rewards) <= 1e-12
 
 
+def _from_trajectory_group(raw: Any) -> list[dict]:
+    # workbench.rl's TrajectoryGroup: per trajectory, its total reward and every action's
+    # tokens and sampler logprobs, in order.
+    samples = []
+    for traj, reward in zip(raw.trajectories, raw.total_rewards()):
+        tokens = [t for tr in traj.transitions for t in tr.ac.tokens]
+        logprobs = [lp for tr in traj.transitions for lp in tr.ac.logprobs]
+        samples.append({"reward": reward, "tokens": tokens, "logprobs": logprobs})
+    return samples
+
+
 def to_group(raw: Any, index: int) -> Group:
     """Normalise one rollout group (see the module docstring); raises on missing rewards."""
+    if hasattr(raw, "trajectories") and callable(getattr(raw, "total_rewards", None)):
+        raw = {"samples": _from_trajectory_group(raw)}
     samples = _get(raw, "samples", None)
     if samples is None:
         samples = _get(raw, "trajectories", None)
