@@ -6,7 +6,15 @@ server, so the tests exercise the real CLI, ready line and shutdown.
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# The suite runs several torch processes at once (pytest itself, servers, notebook kernels)
+# on a 2-core machine. OpenMP's spinning worker threads then starve one another: a test that
+# takes 0.6 s alone took 115 s beside a busy server. One thread per process, inherited by
+# every server and kernel the tests start; the tiny models gain nothing from more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 from workbench.local import LocalServer
 

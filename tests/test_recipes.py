@@ -58,31 +58,57 @@ def test_config_from_flags_and_json_file(tmp_path):
         common.parse_config(rl.Config, ["--loss-fn", "reinforce"])
 
 
+def test_task_args_build_the_task_and_bad_ones_are_named():
+    task = common.make_task(sft.Config(task="recall", task_args='{"n_keys": 4}'))
+    assert len(task.table) == 4
+    assert common.make_task(sft.Config(task="arithmetic")).max_operand == 20  # "" keeps the defaults
+    with pytest.raises(ValueError, match="task_args must be a JSON object"):
+        common.make_task(sft.Config(task_args="n_keys=4"))
+    with pytest.raises(ValueError, match="task_args must be a JSON object"):
+        common.make_task(sft.Config(task_args="[4]"))
+    with pytest.raises(ValueError, match="do not fit task 'recall'.*max_operand"):
+        common.make_task(sft.Config(task="recall", task_args='{"max_operand": 4}'))
+
+
 # ---------------------------------------------------------------------------- SFT
+
+# The acceptance task: key -> value recall with 4 keys x 6 question templates (24 questions).
+# A held-out question asks a key through a template the training split paired only with other
+# keys, so it is answered by having learnt the table, not the question.
+TASK = dict(task="recall", task_args='{"n_keys": 4}', n_train=16, n_test=8)
+
 
 @pytest.fixture(scope="module")
 def sft_run(server, tmp_path_factory):
-    """A short SFT run on the recall task; also the teacher of the distillation test."""
-    config = sft.Config(**run_kwargs(server, tmp_path_factory.mktemp("sft"), "sft"), n_steps=8,
-                        batch_size=8, n_train=16, n_test=4, eval_every=0, learning_rate=3e-3)
+    """The SFT acceptance run (about 10 s on an idle 2-core CPU); its final weights are also
+    the RL warm start and the distillation tests' student/teacher."""
+    config = sft.Config(**run_kwargs(server, tmp_path_factory.mktemp("sft"), "sft"), **TASK, n_steps=30,
+                        batch_size=8, eval_every=10, learning_rate=3e-3, lora_rank=32)
     return config, sft.main(config)
 
 
-def test_sft_loss_falls_logs_jsonl_and_resumes(sft_run):
+def test_sft_lifts_held_out_exact_match_to_0_9(sft_run):
     config, result = sft_run
     rows = [json.loads(line) for line in open(f"{config.log_dir}/metrics.jsonl")]
+    em = {r["step"]: r["eval/recall/exact_match"] for r in rows if "eval/recall/exact_match" in r}
+    print("sft held-out exact match by step", em)
+    # Measured (seed 0): 0.0 at steps 0 and 10, 0.75 at 20, 1.0 after step 30.
+    assert sorted(em) == [0, 10, 20, 30]
+    assert em[0] == 0.0 and em[30] >= 0.9, em
     train_rows = [r for r in rows if "train/loss_per_token" in r]
-    assert [r["step"] for r in train_rows] == list(range(8))
+    assert [r["step"] for r in train_rows] == list(range(30))
     first, last = train_rows[0]["train/loss_per_token"], train_rows[-1]["train/loss_per_token"]
-    assert last < 0.6 * first, (first, last)  # measured: about 8.3 -> 2.1 nats per token
-    final_eval = rows[-1]  # the final held-out evaluation, a row at step n_steps
-    assert final_eval["step"] == 8 and final_eval["eval/held_out/nll"] < 0.6 * first
+    assert last < 0.1 * first, (first, last)  # measured: about 8.3 -> 0.1 nats per token
+    assert rows[-1]["eval/held_out/nll"] < 0.1 * first
     assert result.state_path.startswith("wb://") and "/weights/final" in result.state_path
     assert "/sampler_weights/final" in result.sampler_path
 
-    resumed = sft.main(sft.Config(**{**config.__dict__, "n_steps": 10}))
-    assert [r["step"] for r in resumed.metrics if "train/loss_per_token" in r] == [8, 9]
-    assert resumed.metrics[0]["train/loss_per_token"] < 0.6 * first  # it kept its weights
+
+def test_sft_resumes_from_its_last_checkpoint(sft_run):
+    config, _ = sft_run
+    resumed = sft.main(sft.Config(**{**config.__dict__, "n_steps": 32, "eval_every": 0}))
+    assert [r["step"] for r in resumed.metrics if "train/loss_per_token" in r] == [30, 31]
+    assert resumed.metrics[0]["train/loss_per_token"] < 0.5  # it kept its weights (fresh: ~8.3)
 
 
 # ----------------------------------------------------------------------------- RL
@@ -118,7 +144,21 @@ class ParityDataset(RLDataset):
         return self.n_batches
 
 
-@pytest.mark.parametrize("loss_fn,off_by_one,lr", [("importance_sampling", False, 1e-2), ("ppo", True, 5e-3)])
+def test_rl_lifts_mean_reward_on_recall_from_sft_warm_start(server, tmp_path, sft_run):
+    """GRPO-style RL (importance_sampling) on the recall task, sampled at temperature 1 from
+    the SFT run's weights: greedy answers are right, but sampled ones only ~30% of the time."""
+    _, warm = sft_run
+    config = rl.Config(**run_kwargs(server, tmp_path, "rl_recall"), **TASK, load_checkpoint_path=warm.state_path,
+                       n_steps=12, groups_per_batch=8, group_size=8, max_tokens=10, learning_rate=3e-4)
+    rows = rl.main(config).metrics
+    rewards = [r["env/reward_mean"] for r in rows]
+    print("rl recall reward per step", [round(x, 3) for x in rewards])
+    # Measured (seed 0): 0.297 at step 0; 0.5, 0.562, 0.391, 0.5 over the last 4 steps (mean 0.488).
+    assert 0.1 < rewards[0] < 0.45, rewards
+    assert mean(rows[-4:], "env/reward_mean") > rewards[0] + 0.15, rewards
+
+
+@pytest.mark.parametrize("loss_fn,off_by_one,lr", [("ppo", True, 5e-3)])
 def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one, lr):
     config = rl.Config(**run_kwargs(server, tmp_path, "rl"), n_steps=10, max_tokens=1, learning_rate=lr,
                        loss_fn=loss_fn, async_off_by_one=off_by_one, lora_rank=8, kl_coef=0.01, top_k=8)
@@ -135,16 +175,22 @@ def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one, lr):
 
 # ---------------------------------------------------------------------------- DPO
 
-def test_dpo_margin_and_held_out_preference_rise(server, tmp_path):
-    config = dpo.Config(**run_kwargs(server, tmp_path, "dpo"), n_steps=8, pairs_per_batch=8, n_train=16,
-                        n_test=8, learning_rate=5e-3, beta=0.5, eval_every=0)
+def test_dpo_raises_held_out_preference_accuracy(server, tmp_path):
+    """Pairs (right value, another key's value) of the recall task; the held-out pairs ask
+    keys through templates the training pairs did not pair them with."""
+    config = dpo.Config(**run_kwargs(server, tmp_path, "dpo"), **TASK, n_steps=16, pairs_per_batch=8,
+                        learning_rate=5e-3, beta=0.5, eval_every=8)
     rows = dpo.main(config).metrics
     train_rows = [r for r in rows if "dpo/margin" in r]
     assert train_rows[0]["dpo/margin"] == pytest.approx(0.0, abs=1e-3)  # policy == reference
-    assert mean(train_rows[-2:], "dpo/margin") > 0.5, [r["dpo/margin"] for r in train_rows]
-    assert mean(train_rows[-2:], "dpo/accuracy") >= 0.75
-    final = rows[-1]  # held-out pairs: figures logged (no gain asserted at this smoke size)
-    assert final["step"] == 8 and 0.0 <= final["eval/pref_accuracy"] <= 1.0
+    evals = [r for r in rows if "eval/pref_accuracy" in r]
+    print("dpo held-out", [(r["step"], r["eval/pref_accuracy"], r["eval/implicit_accuracy"]) for r in evals])
+    assert [r["step"] for r in evals] == [0, 8, 16]
+    start, end = evals[0], evals[-1]
+    # Measured (seed 0): raw accuracy 0.125 -> 0.25 (step 8) -> 1.0; implicit 0 -> 0.75 -> 1.0.
+    assert start["eval/pref_accuracy"] <= 0.5 and start["eval/implicit_margin"] == pytest.approx(0.0, abs=1e-3)
+    assert end["eval/pref_accuracy"] >= 0.875, evals
+    assert end["eval/implicit_accuracy"] >= 0.875 and end["eval/implicit_margin"] > 1.0, evals
 
 
 # ------------------------------------------------------------------------ distill
@@ -153,9 +199,8 @@ def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):
     """Student: the SFT run's weights; teacher: the base model (teacher_path None). The
     student samples its own answers and is pulled back toward the teacher token by token."""
     _, student_start = sft_run
-    config = distill.Config(**run_kwargs(server, tmp_path, "distill"), load_checkpoint_path=student_start.state_path,
-                            n_steps=4, groups_per_batch=4, group_size=4, max_tokens=8, n_train=16,
-                            learning_rate=1e-2)
+    config = distill.Config(**run_kwargs(server, tmp_path, "distill"), **TASK, load_checkpoint_path=student_start.state_path,
+                            n_steps=6, groups_per_batch=4, group_size=4, max_tokens=8, learning_rate=3e-3)
     rows = distill.main(config).metrics
     kls = [r["kl/sampler_reference"] for r in rows]
     print("distill reverse KL per step", [round(k, 3) for k in kls])
@@ -164,8 +209,9 @@ def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):
 
 def test_off_policy_distillation_fits_teacher_answers(server, tmp_path, sft_run):
     _, teacher = sft_run
-    config = distill.Config(**run_kwargs(server, tmp_path, "distill_off"), mode="off_policy",
-                            teacher_path=teacher.sampler_path, n_steps=4, groups_per_batch=4, n_train=16,
-                            max_tokens=12, learning_rate=3e-3, keep_unended=True)
+    config = distill.Config(**run_kwargs(server, tmp_path, "distill_off"), **TASK, mode="off_policy",
+                            teacher_path=teacher.sampler_path, n_steps=6, groups_per_batch=4,
+                            max_tokens=12, learning_rate=5e-3, keep_unended=True)
     rows = distill.main(config).metrics
-    assert rows[-1]["train/loss_per_token"] < 0.7 * rows[0]["train/loss_per_token"], rows
+    losses = [r["train/loss_per_token"] for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses

@@ -46,6 +46,7 @@ class BaseConfig:
     task: str = "recall"  # synthetic task of workbench.tasks (arithmetic, recall, reverse)
     n_train: int = 64  # training problems drawn from the task
     n_test: int = 16  # held-out problems (disjoint questions) for evaluation
+    task_args: str = ""  # JSON object of the task's constructor arguments, e.g. {"n_keys": 4}
 
 
 @dataclass
@@ -217,9 +218,23 @@ def make_renderer(training_client, config: BaseConfig):
 
 def task_split(config: BaseConfig) -> tuple[list, list]:
     """(train, held-out) problems of config.task, drawn from config.seed."""
+    return make_task(config).split(config.n_train, config.n_test, seed=config.seed)
+
+
+def make_task(config: BaseConfig):
+    """config.task built with config.task_args (a JSON object; "" for the defaults)."""
     from ..tasks import get_task
 
-    return get_task(config.task).split(config.n_train, config.n_test, seed=config.seed)
+    try:
+        kwargs = json.loads(config.task_args) if config.task_args.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"task_args must be a JSON object, got {config.task_args!r}: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"task_args must be a JSON object, got {config.task_args!r}")
+    try:
+        return get_task(config.task, **kwargs)
+    except TypeError as exc:  # an argument the task's constructor does not take
+        raise ValueError(f"task_args {config.task_args!r} do not fit task {config.task!r}: {exc}") from None
 
 
 # -------------------------------------------------------------------- checkpoints

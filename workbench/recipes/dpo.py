@@ -3,7 +3,8 @@
     python -m workbench.recipes.dpo --task recall --n-steps 20 --log-dir runs/dpo
 
 Pairs: chosen = the problem's correct answer, rejected = the answer of another problem (a
-wrong one). The loss runs on the client through forward_backward_custom:
+wrong one). On the recall task a held-out question asks a key the training pairs asked
+through other templates, so the learnt preference transfers to held-out pairs. The loss runs on the client through forward_backward_custom:
 
     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
 
