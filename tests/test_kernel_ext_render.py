@@ -159,7 +159,8 @@ def test_loss_curve_throttles_comm_messages_and_keeps_every_point(monkeypatch):
     curve.record("a", n // 4, "forward", {"loss:sum": 0.5})
     time.sleep(0.4)
     flushes = curve.throttle.flushes
-    assert n > 100 and 3 <= flushes <= 7, (n, flushes)
+    # At most 4 redraws a second over ~1.4 s (a stalled machine may manage fewer).
+    assert n > 100 and 1 <= flushes <= 7, (n, flushes)
     updates = [m for m in RecordingComm.messages if m[0] == "comm_msg"]
     # Each redraw sends a small bounded group of messages, not one per result.
     assert 0 < len(updates) <= 8 * flushes, (len(updates), flushes)
@@ -167,7 +168,9 @@ def test_loss_curve_throttles_comm_messages_and_keeps_every_point(monkeypatch):
     # traits would send only their reset value, None, and the browser would draw nothing).
     sent = [d["state"]["_py2js_update"] for t, d in RecordingComm.messages
             if d and (d.get("state") or {}).get("_py2js_update")]
-    assert sent and sent[-1]["style_data"]["y"][0][-1] == pytest.approx(10.0 / n)
+    raw_updates = [u for u in sent if 0 in u["style_traces"]]  # trace 0 = the raw curve
+    last = raw_updates[-1]
+    assert last["style_data"]["y"][last["style_traces"].index(0)][-1] == pytest.approx(10.0 / n)
     added = [d for t, d in RecordingComm.messages if d and (d.get("state") or {}).get("_py2js_addTraces")]
     assert len(added) == 3
     raw, smooth, evals = curve.fig.data
