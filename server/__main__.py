@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tinker_port is not None:
         from .tinker_http import TinkerGateway, tokenizer_id
 
-        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id)
+        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, max_rank=args.max_rank)
         try:
             log(f"tinker gateway {gateway.start(args.host, args.tinker_port)}")
         except OSError as exc:

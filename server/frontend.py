@@ -221,16 +221,7 @@ class Frontend:
         if immediate is not None:
             self._send(identity, wire.encode(wire.ok_reply(request_id, immediate)))
             return
-        if op not in PHASES:
-            raise InvalidRequestError(f"unknown op {op!r}", "op")
-        _check_args(op, args)
-        if op == "create_model" and not args.get("from_state"):
-            rank = args.get("rank", 32)
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.max_rank:
-                raise InvalidRequestError(
-                    f"rank must be an integer in [1, {self.max_rank}] (this server's --max-rank), "
-                    f"got {rank!r}", "rank")
-        queue_name = args.get("model_id") or args.get("sampler_id") or f"admin:{tenant}"
+        check_op_args(op, args, self.max_rank)
 
         def done(result: Any, error: Optional[BaseException]) -> None:
             if session is not None:  # a long request's end is a sign of life too
@@ -245,10 +236,9 @@ class Frontend:
 
         if op == "create_model":
             done = self._recording_session(tenant, args.get("session_id"), done)
-        tokens = _token_cost(op, args)
         self._replies[(tenant, request_id)] = None  # in flight
         try:
-            self.scheduler.submit(Work(op, tenant, queue_name, args, done, tokens=tokens))
+            self.scheduler.submit(Work.of(op, tenant, args, done))
         except WorkbenchError:
             del self._replies[(tenant, request_id)]
             raise
@@ -348,24 +338,6 @@ _REQUIRED = {
 }
 
 
-def _token_cost(op: str, args: dict) -> int:
-    """Tokens a request will cost the engine: what the fair share of a cycle is counted in.
-    Sampling counts its prompt plus the tokens it may generate; malformed values count 0
-    (the runner rejects them)."""
-    try:
-        if op in ("forward", "forward_backward"):
-            return sum(len(d["tokens"]) for d in args["data"])
-        if op not in ("sample", "compute_logprobs"):
-            return 0
-        tokens = len(args["prompt"])
-        if op == "sample":
-            params = args.get("sampling_params") or {}
-            tokens += int(params.get("max_tokens") or 0) * int(args.get("num_samples", 1))
-        return max(0, tokens)
-    except (TypeError, ValueError, AttributeError, OverflowError, KeyError):
-        return 0
-
-
 def _peek_id(header: Any) -> Optional[str]:
     """The request id of an undecoded message, if its header is readable (for the reply)."""
     try:
@@ -375,6 +347,20 @@ def _peek_id(header: Any) -> Optional[str]:
         return None
     request_id = message.get("id") if isinstance(message, dict) else None
     return request_id if isinstance(request_id, str) else None
+
+
+def check_op_args(op: str, args: dict, max_rank: int) -> None:
+    """What every frontend checks before it queues an engine op (no model needed): a known
+    op, the types of the fields it relies on, and a new run's rank within --max-rank."""
+    if op not in PHASES:
+        raise InvalidRequestError(f"unknown op {op!r}", "op")
+    _check_args(op, args)
+    if op == "create_model" and not args.get("from_state"):
+        rank = args.get("rank", 32)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+            raise InvalidRequestError(
+                f"rank must be an integer in [1, {max_rank}] (this server's --max-rank), "
+                f"got {rank!r}", "rank")
 
 
 def _check_args(op: str, args: dict) -> None:

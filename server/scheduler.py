@@ -53,6 +53,31 @@ class Work:
     def phase(self) -> int:
         return PHASES[self.op]
 
+    @classmethod
+    def of(cls, op: str, tenant: str, args: dict, done: Callable) -> "Work":
+        """A request as every frontend queues it: on its run's (or sampler's) queue, else
+        the tenant's admin queue, costed in engine tokens."""
+        queue = args.get("model_id") or args.get("sampler_id") or f"admin:{tenant}"
+        return cls(op, tenant, queue, args, done, tokens=token_cost(op, args))
+
+
+def token_cost(op: str, args: dict) -> int:
+    """Tokens a request will cost the engine: what the fair share of a cycle is counted in.
+    Sampling counts its prompt plus the tokens it may generate; malformed values count 0
+    (the runner rejects them)."""
+    try:
+        if op in ("forward", "forward_backward"):
+            return sum(len(d["tokens"]) for d in args["data"])
+        if op not in ("sample", "compute_logprobs"):
+            return 0
+        tokens = len(args["prompt"])
+        if op == "sample":
+            params = args.get("sampling_params") or {}
+            tokens += int(params.get("max_tokens") or 0) * int(args.get("num_samples", 1))
+        return max(0, tokens)
+    except (TypeError, ValueError, AttributeError, OverflowError, KeyError):
+        return 0
+
 
 @dataclass
 class CyclePlan:

@@ -50,6 +50,7 @@ from workbench.errors import (
 )
 
 from . import tinker_proto
+from .frontend import check_op_args
 from .scheduler import Scheduler, Work, as_error
 
 TINKER, WB = "tinker://", "wb://"
@@ -155,9 +156,11 @@ class TinkerGateway:
     def __init__(self, scheduler: Scheduler, keys: dict[str, str],
                  capabilities: Callable[[], dict] = lambda: {"supported_models": []},
                  tokenizer_id: Callable[[str], str] = lambda name: name,
-                 hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096):
+                 hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096,
+                 max_rank: int = 128):
         self.scheduler = scheduler
         self.keys = keys  # api key -> tenant (the ZeroMQ frontend's mapping)
+        self.max_rank = max_rank  # the frontend's --max-rank check, applied to create_model
         self.capabilities = capabilities
         self.tokenizer_id = tokenizer_id
         self.hold_s, self.gap_timeout_s, self.max_futures = hold_s, gap_timeout_s, max_futures
@@ -265,8 +268,10 @@ class TinkerGateway:
             raise InvalidRequestError("request body must be a JSON object")
         return body
 
-    def _submit(self, tenant: str, op: str, queue: str, args: dict) -> "asyncio.Future":
-        """Queue `op` for the scheduler; the returned future resolves on this loop."""
+    def _submit(self, tenant: str, op: str, args: dict) -> "asyncio.Future":
+        """Check and queue `op` exactly as the ZeroMQ frontend does; the returned future
+        resolves on this loop."""
+        check_op_args(op, args, self.max_rank)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -280,8 +285,7 @@ class TinkerGateway:
             except RuntimeError:
                 pass  # the HTTP loop is gone (shutting down): nobody is waiting
 
-        tokens = sum(len(d["tokens"]) for d in args.get("data", ()))
-        self.scheduler.submit(Work(op, tenant, queue, args, done, tokens=tokens))
+        self.scheduler.submit(Work.of(op, tenant, args, done))
         return future
 
     def _future(self, tenant: str, work: Callable[[], Awaitable], encode: Callable[[Any], Any],
@@ -385,7 +389,7 @@ class TinkerGateway:
                             resend_key=(tenant, "create", model_id), model_id=model_id)
 
     async def _create_run(self, tenant: str, model_id: str, args: dict) -> dict:
-        result = await self._submit(tenant, "create_model", f"admin:{tenant}", args)
+        result = await self._submit(tenant, "create_model", args)
         self._models[model_id] = _Model(tenant, result["model_id"], result["base_model"],
                                         int(result["rank"]), result.get("arch", ""))
         return result
@@ -418,7 +422,7 @@ class TinkerGateway:
         args = {"model_id": model.run_id, "data": decoded["data"], "loss_fn": decoded["loss_fn"] or "cross_entropy",
                 "loss_fn_config": decoded["loss_fn_config"]}
         work = lambda: self._in_turn(model_id, decoded["seq_id"],  # noqa: E731
-                                     lambda: self._submit(tenant, op, model.run_id, args))
+                                     lambda: self._submit(tenant, op, args))
 
         def encode(result: dict) -> bytes:
             outputs = [{k: np.asarray(v) for k, v in o.items()} for o in result["loss_fn_outputs"]]
@@ -443,7 +447,7 @@ class TinkerGateway:
             raise InvalidRequestError(f"bad adam_params: {exc}", "adam_params") from None
         args = {"model_id": model.run_id, "adam_params": adam}
         work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
-                                     lambda: self._submit(tenant, "optim_step", model.run_id, args))
+                                     lambda: self._submit(tenant, "optim_step", args))
         return self._future(tenant, work, lambda r: {"metrics": _metrics(r.get("metrics"))},
                             resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
 
@@ -453,7 +457,7 @@ class TinkerGateway:
         model = self._model(tenant, model_id)
         args = {"model_id": model.run_id, "name": body.get("path")}
         work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
-                                     lambda: self._submit(tenant, "save_state", model.run_id, args))
+                                     lambda: self._submit(tenant, "save_state", args))
         return self._future(tenant, work, lambda r: {"type": "save_weights", "path": to_tinker(r["path"])},
                             resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
 
@@ -474,7 +478,7 @@ class TinkerGateway:
         model = self._model(tenant, model_id)
         args = {"model_id": model.run_id, "path": path, "optimizer": optimizer}
         work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
-                                     lambda: self._submit(tenant, "load_state", model.run_id, args))
+                                     lambda: self._submit(tenant, "load_state", args))
         return self._future(tenant, work, lambda r: {"type": "load_weights", "path": to_tinker(path)},
                             resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
 
@@ -488,7 +492,7 @@ class TinkerGateway:
 
         async def work() -> dict:
             saved = await self._in_turn(model_id, body.get("seq_id"),
-                                        lambda: self._submit(tenant, "save_weights_for_sampler", model.run_id, args))
+                                        lambda: self._submit(tenant, "save_weights_for_sampler", args))
             reply = {"type": "save_weights_for_sampler", "path": to_tinker(saved["path"])}
             if not name:
                 reply["sampling_session_id"] = await self._new_sampler(tenant, {"model_path": saved["path"]})
@@ -500,7 +504,7 @@ class TinkerGateway:
     # ------------------------------------------------------------ sampling
 
     async def _new_sampler(self, tenant: str, args: dict) -> str:
-        result = await self._submit(tenant, "create_sampling_session", f"admin:{tenant}", args)
+        result = await self._submit(tenant, "create_sampling_session", args)
         self._samplers[result["sampler_id"]] = {
             "tenant": tenant, "base_model": result["base_model"], "model_path": to_tinker(args.get("model_path"))}
         return result["sampler_id"]
@@ -559,7 +563,7 @@ class TinkerGateway:
         request_key = (tenant, "sample", sampler_id, seq_id) if seq_id is not None else None
         prior = self._idempotent.get(request_key) if request_key else None
         sequence_ids = prior["sample_sequence_ids"] if prior else [uuid.uuid4().hex for _ in range(num_samples)]
-        return self._future(tenant, lambda: self._submit(tenant, "sample", sampler_id, args), encode,
+        return self._future(tenant, lambda: self._submit(tenant, "sample", args), encode,
                             resend_key=request_key, sample_sequence_ids=sequence_ids)
 
     # ------------------------------------------------------------ futures
@@ -589,7 +593,7 @@ class TinkerGateway:
 
     async def _rest(self, request: Request, op: str, args: dict) -> Any:
         tenant = self._tenant(request)
-        return await self._submit(tenant, op, f"admin:{tenant}", args)
+        return await self._submit(tenant, op, args)
 
     def _run_id(self, request: Request) -> str:
         """A training run named by our run id or by the SDK's model id."""
@@ -638,7 +642,7 @@ class TinkerGateway:
         """Signed per-file URLs (the SDK's download fetches them without its API key)."""
         tenant = self._tenant(request)
         path = self._path(request)
-        files = (await self._submit(tenant, "get_checkpoint_files", f"admin:{tenant}", {"path": path}))["files"]
+        files = (await self._submit(tenant, "get_checkpoint_files", {"path": path}))["files"]
         expires = int(time.time()) + 3600
         base = str(request.base_url).rstrip("/")
         rel = path[len(WB):]
@@ -653,7 +657,7 @@ class TinkerGateway:
         if expires < time.time() or not hmac.compare_digest(
                 q.get("sig", ""), self._signature(tenant, f"{rel}/{p['file']}", expires)):
             raise AuthenticationError("download link is invalid or expired; ask for new external_weights_urls")
-        files = (await self._submit(tenant, "get_checkpoint_files", f"admin:{tenant}", {"path": WB + rel}))["files"]
+        files = (await self._submit(tenant, "get_checkpoint_files", {"path": WB + rel}))["files"]
         if p["file"] not in files:
             raise NotFoundError(f"checkpoint {TINKER}{rel} has no file {p['file']!r}", "file")
         return Response(bytes(files[p["file"]]), media_type="application/octet-stream")

@@ -58,3 +58,18 @@ def test_queue_limit_and_close():
     assert len(books.close()) == 3 and books.queue_depth() == 0
     with pytest.raises(ServerError, match="shutting down"):
         books.submit(work("forward", "t", "run"))
+
+
+def test_work_of_picks_the_queue_and_the_token_cost_every_frontend_uses():
+    def of(op, args):
+        return Work.of(op, "t", args, done=lambda result, error: None)
+
+    train = of("forward_backward", {"model_id": "run-1", "data": [{"tokens": [1, 2, 3]}, {"tokens": [4]}]})
+    assert (train.queue, train.tokens) == ("run-1", 4)
+    sample = of("sample", {"sampler_id": "s-1", "prompt": [1, 2], "num_samples": 3,
+                           "sampling_params": {"max_tokens": 5}})
+    assert (sample.queue, sample.tokens) == ("s-1", 2 + 3 * 5)
+    assert (of("compute_logprobs", {"sampler_id": "s-1", "prompt": [1, 2, 3]}).tokens) == 3
+    admin = of("create_model", {"base_model": "m", "rank": 8})
+    assert (admin.queue, admin.tokens) == ("admin:t", 0)
+    assert of("sample", {"sampler_id": "s-1", "prompt": None}).tokens == 0  # malformed: the runner rejects it
