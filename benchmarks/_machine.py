@@ -6,6 +6,7 @@ version, device and GPU name, dtype) so figures are never quoted without their h
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -26,8 +27,23 @@ QWEN3_SHAPES = {
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
 }
 MODELS = ("tiny-qwen3", *QWEN3_SHAPES)
+# The LoRA target modules of the PEFT baselines (the engine's adapters cover the same).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Dense bf16 peak FLOP/s for MFU; devices not listed (and CPUs) report MFU as null.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the flags every model benchmark takes: --device and --model."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", default="tiny-qwen3", choices=MODELS)
+    return parser
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = pick_device(args.device)
+    return device, default_dtype(device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -118,6 +134,17 @@ def engine_with_model(name: str, device: torch.device, dtype: torch.dtype, **eng
     model, tokenizer = build_model(name, device, dtype)
     engine.register_model(wrap_base_model(name, model, tokenizer, device, dtype))
     return engine
+
+
+def peft_with_adapters(model, names: list[str], rank: int):
+    """A PeftModel over `model` with one LoRA adapter (rank = alpha = `rank`) per name."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    pm = peft.get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, config)
+    return pm
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

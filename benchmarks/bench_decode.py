@@ -10,19 +10,14 @@ the same adapters, and our tokens/s on the base model alone (multi-LoRA overhead
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
-from _machine import MODELS, build_model, default_dtype, emit, engine_with_model, machine, pick_device, timed
-from bench_multitenant import TARGETS
+from _machine import arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine, peft_with_adapters, timed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--model", default="tiny-qwen3", choices=MODELS)
+    parser = arg_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=None, help="default 64 on CUDA, 16 on CPU")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128 on CUDA, 32 on CPU")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -30,8 +25,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    device = pick_device(args.device)
-    dtype = default_dtype(device)
+    device, dtype = device_and_dtype(args)
     n_prompts = args.prompts or (64 if device.type == "cuda" else 16)
     new_tokens = args.new_tokens or (128 if device.type == "cuda" else 32)
 
@@ -58,13 +52,8 @@ def main() -> None:
     ours_s = timed(ours(True), device, args.repeats)
     base_s = timed(ours(False), device, args.repeats)
 
-    import peft
-
     model, _ = build_model(args.model, device, dtype)
-    config = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, lora_dropout=0.0)
-    pm = peft.get_peft_model(model, config, adapter_name="d-0")
-    for a in range(1, args.adapters):
-        pm.add_adapter(f"d-{a}", config)
+    pm = peft_with_adapters(model, [f"d-{a}" for a in range(args.adapters)], args.rank)
     with torch.no_grad():
         for a in range(args.adapters):
             for name, pair in adapters[a].pairs.items():

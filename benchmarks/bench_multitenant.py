@@ -11,15 +11,13 @@ same tokens. Prints one JSON line per K with both times and the speedup.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
-from _machine import MODELS, build_model, default_dtype, emit, engine_with_model, machine, pick_device, timed_interleaved
+from _machine import (arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine,
+                      peft_with_adapters, timed_interleaved)
 
 ADAM = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def make_data(k: int, seqs: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -47,13 +45,8 @@ def engine_step_fn(engine, model_name, data, rank):
 
 
 def peft_step_fn(model, data, rank, device):
-    import peft
-
     k_count = data.shape[0]
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, lora_dropout=0.0)
-    pm = peft.get_peft_model(model, config, adapter_name="a0")
-    for k in range(1, k_count):
-        pm.add_adapter(f"a{k}", config)
+    pm = peft_with_adapters(model, [f"a{k}" for k in range(k_count)], rank)
     optimizers = []
     for k in range(k_count):
         params = [p for n, p in pm.named_parameters() if f".a{k}." in n]
@@ -74,9 +67,7 @@ def peft_step_fn(model, data, rank, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--model", default="tiny-qwen3", choices=MODELS)
+    parser = arg_parser(__doc__)
     parser.add_argument("--ks", default="1,4,8,16", help="comma-separated adapter counts")
     parser.add_argument("--seqs", type=int, default=4, help="sequences per adapter")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
@@ -87,8 +78,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa_mask", "flex"])
     parser.add_argument("--row-length", type=int, default=None, help="packed row length (default: longest sequence)")
     args = parser.parse_args()
-    device = pick_device(args.device)
-    dtype = default_dtype(device)
+    device, dtype = device_and_dtype(args)
     for k in [int(x) for x in args.ks.split(",")]:
         engine = engine_with_model(args.model, device, dtype, lora_impl=args.lora_impl,
                                    attention=args.attention, row_length=args.row_length)

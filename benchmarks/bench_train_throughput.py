@@ -10,18 +10,12 @@ bf16 peak (benchmarks/_machine.py); CPUs report MFU as null.
 
 from __future__ import annotations
 
-import argparse
-
-import numpy as np
-
-from _machine import MODELS, default_dtype, emit, engine_with_model, machine, peak_flops, pick_device, timed
+from _machine import arg_parser, device_and_dtype, emit, engine_with_model, machine, peak_flops, timed
 from bench_multitenant import engine_step_fn, make_data
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--model", default="tiny-qwen3", choices=MODELS)
+    parser = arg_parser(__doc__)
     parser.add_argument("--adapters", type=int, default=2)
     parser.add_argument("--seqs", type=int, default=4, help="sequences per adapter")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per sequence")
@@ -29,8 +23,7 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    device = pick_device(args.device)
-    dtype = default_dtype(device)
+    device, dtype = device_and_dtype(args)
     engine = engine_with_model(args.model, device, dtype, token_budget=args.token_budget)
     base = engine.bases[args.model]
     params = sum(p.numel() for p in base.model.parameters())

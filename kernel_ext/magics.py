@@ -138,7 +138,6 @@ class Session:
     service: Any = None
     started_embedded: bool = False
     widgets: list = field(default_factory=list)
-    curve: Any = None
     monitor: Any = None
 
 
@@ -309,10 +308,14 @@ class TinkerMagics(Magics):
             curve.attach(client, name=name)
         return self._keep(curve)
 
+    def _tokenizer_var(self, expr: str) -> Any:
+        """A tokenizer from --tokenizer VAR: a tokenizer, or a client that has one."""
+        tok = self._value(expr, "tokenizer")
+        return tok.get_tokenizer() if hasattr(tok, "get_tokenizer") else tok
+
     def _tokenizer(self, args: argparse.Namespace, client: Any) -> Any:
         if args.tokenizer:
-            tok = self._value(args.tokenizer, "tokenizer")
-            return tok.get_tokenizer() if hasattr(tok, "get_tokenizer") else tok
+            return self._tokenizer_var(args.tokenizer)
         if client is not None:
             return client.get_tokenizer()
         if self.session.service is not None:
@@ -381,9 +384,7 @@ class TinkerMagics(Magics):
         from .widgets import RolloutDashboard
         from .widgets.rollouts import groups_from
 
-        tokenizer = self._value(args.tokenizer, "tokenizer") if args.tokenizer else None
-        if tokenizer is not None and hasattr(tokenizer, "get_tokenizer"):
-            tokenizer = tokenizer.get_tokenizer()
+        tokenizer = self._tokenizer_var(args.tokenizer) if args.tokenizer else None
         dash = RolloutDashboard(tokenizer)
         if args.expr:
             value = self._value(args.expr, "rollout groups")

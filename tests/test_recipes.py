@@ -29,6 +29,14 @@ def run_kwargs(server, tmp_path, name):
     return dict(base_url=server.url, api_key=server.api_key, log_dir=str(tmp_path / name), progress=False)
 
 
+def warm_started_rows(recipe, server, tmp_path, name, sft_run, **overrides):
+    """The metrics rows of `recipe` on TASK, starting from the SFT run's final weights."""
+    _, warm = sft_run
+    config = recipe.Config(**run_kwargs(server, tmp_path, name), **TASK,
+                           load_checkpoint_path=warm.state_path, **overrides)
+    return recipe.main(config).metrics
+
+
 # --------------------------------------------------------------------------- CLI
 
 def test_help_of_every_recipe_module():
@@ -147,10 +155,8 @@ class ParityDataset(RLDataset):
 def test_rl_lifts_mean_reward_on_recall_from_sft_warm_start(server, tmp_path, sft_run):
     """GRPO-style RL (importance_sampling) on the recall task, sampled at temperature 1 from
     the SFT run's weights: greedy answers are right, but sampled ones only ~30% of the time."""
-    _, warm = sft_run
-    config = rl.Config(**run_kwargs(server, tmp_path, "rl_recall"), **TASK, load_checkpoint_path=warm.state_path,
-                       n_steps=12, groups_per_batch=8, group_size=8, max_tokens=10, learning_rate=3e-4)
-    rows = rl.main(config).metrics
+    rows = warm_started_rows(rl, server, tmp_path, "rl_recall", sft_run, n_steps=12, groups_per_batch=8,
+                             group_size=8, max_tokens=10, learning_rate=3e-4)
     rewards = [r["env/reward_mean"] for r in rows]
     print("rl recall reward per step", [round(x, 3) for x in rewards])
     # Measured (seed 0): 0.297 at step 0; 0.5, 0.562, 0.391, 0.5 over the last 4 steps (mean 0.488).
@@ -198,10 +204,8 @@ def test_dpo_raises_held_out_preference_accuracy(server, tmp_path):
 def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):
     """Student: the SFT run's weights; teacher: the base model (teacher_path None). The
     student samples its own answers and is pulled back toward the teacher token by token."""
-    _, student_start = sft_run
-    config = distill.Config(**run_kwargs(server, tmp_path, "distill"), **TASK, load_checkpoint_path=student_start.state_path,
-                            n_steps=6, groups_per_batch=4, group_size=4, max_tokens=8, learning_rate=3e-3)
-    rows = distill.main(config).metrics
+    rows = warm_started_rows(distill, server, tmp_path, "distill", sft_run, n_steps=6, groups_per_batch=4,
+                             group_size=4, max_tokens=8, learning_rate=3e-3)
     kls = [r["kl/sampler_reference"] for r in rows]
     print("distill reverse KL per step", [round(k, 3) for k in kls])
     assert mean(rows[-2:], "kl/sampler_reference") < 0.7 * mean(rows[:2], "kl/sampler_reference"), kls

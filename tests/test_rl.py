@@ -142,10 +142,13 @@ def base_sampler(service):
 def test_rollouts_batch_identical_prompts_and_keep_budget(base_sampler):
     sampler = CountingSampler(base_sampler)
     params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3)
+    # A budget of 8 binds on turn 2 (its prompt is 4..8 or 3..7 tokens), so it is exercised.
     groups = do_group_rollouts([EchoBuilder([5, 6, 7], 3), EchoBuilder([9, 10], 2)], sampler, params,
-                               max_trajectory_tokens=12)
+                               max_trajectory_tokens=8)
     # Turn 1: one call per group (num_samples = group size), both submitted before waiting.
     assert sampler.calls[:2] == [(3, 3, 4), (2, 2, 4)]
+    # Later turns sample only up to what is left of the budget.
+    assert all(max_tokens == min(4, 8 - prompt_len) for prompt_len, _, max_tokens in sampler.calls[2:])
     assert [len(g.trajectories) for g in groups] == [3, 2]
     for g in groups:
         for t in g.trajectories:
@@ -154,7 +157,7 @@ def test_rollouts_batch_identical_prompts_and_keep_budget(base_sampler):
             assert all(lp <= 0 for lp in first.ac.logprobs)
             if rest:  # the second prompt is the first + action + marker, within the budget
                 assert rest[0].ob.to_ints() == first.ob.to_ints() + first.ac.tokens + [11]
-                assert rest[0].ob.length + len(rest[0].ac.tokens) <= 12
+                assert rest[0].ob.length + len(rest[0].ac.tokens) <= 8
             else:
                 assert t.end_reason == "budget"
     metrics = rollout_metrics(groups)

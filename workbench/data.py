@@ -88,6 +88,17 @@ def datum_from_model_input_weights(
     )
 
 
+def full_sequence(datum: Datum, where: str = "datum") -> ModelInput:
+    """The whole sequence a next-token datum was cut from: its input plus its last target
+    (the inverse of `datum_from_model_input_weights`); what compute_logprobs scores."""
+    tokens = datum.model_input.to_ints()
+    targets = datum.loss_fn_inputs["target_tokens"].tolist()
+    if tokens[1:] != targets[:-1]:
+        raise ValueError(f"{where} is not next-token shifted (target_tokens != input[1:] + "
+                         "[last]); compute_logprobs can only score such datums, use a TrainingClient")
+    return ModelInput.from_ints(tokens + targets[-1:])
+
+
 def conversation_to_datum(
     messages: list[Message],
     renderer: Renderer,

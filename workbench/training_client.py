@@ -13,30 +13,16 @@ import numpy as np
 from . import types, wire
 from .errors import InvalidRequestError
 from .futures import APIFuture, map_future
+from .types import LOSS_CONFIG_KEYS, LOSS_INPUTS
 
 Listener = Callable[[int, str, dict], None]
-
-# What each loss reads besides target_tokens, and its config keys (reference/tinker-api.md).
-# Checked here so that a bad datum fails at once, naming its index and field, without a
-# round trip; the server checks the same again (and what needs the model: vocab, context).
-LOSS_INPUTS = {
-    "cross_entropy": ("weights",),
-    "importance_sampling": ("logprobs", "advantages"),
-    "ppo": ("logprobs", "advantages"),
-    "cispo": ("logprobs", "advantages"),
-    "dro": ("logprobs", "advantages"),
-}
-LOSS_CONFIG_KEYS = {
-    "cross_entropy": (), "importance_sampling": (),
-    "ppo": ("clip_low_threshold", "clip_high_threshold"),
-    "cispo": ("clip_low_threshold", "clip_high_threshold"),
-    "dro": ("beta",),
-}
 
 
 def validate_forward(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: Optional[dict]) -> None:
     """Raise InvalidRequestError (with `where`, e.g. data[2].loss_fn_inputs.weights) for what
-    can be told wrong without the model."""
+    can be told wrong without the model, against the loss table in types (LOSS_INPUTS,
+    LOSS_CONFIG_KEYS): a bad datum fails at once, without a round trip. The server checks
+    the same again (and what needs the model: vocab, context)."""
     if loss_fn not in LOSS_INPUTS:
         raise InvalidRequestError(f"unknown loss_fn {loss_fn!r}; choose one of {', '.join(LOSS_INPUTS)}",
                                   "loss_fn")

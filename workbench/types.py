@@ -147,6 +147,23 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
+# What each loss reads besides target_tokens, and its config keys (reference/tinker-api.md).
+# The one table: the client validates against it, and the server's engine imports it.
+LOSS_INPUTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("weights",),
+    "importance_sampling": ("logprobs", "advantages"),
+    "ppo": ("logprobs", "advantages"),
+    "cispo": ("logprobs", "advantages"),
+    "dro": ("logprobs", "advantages"),
+}
+LOSS_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": (),
+    "importance_sampling": (),
+    "ppo": ("clip_low_threshold", "clip_high_threshold"),
+    "cispo": ("clip_low_threshold", "clip_high_threshold"),
+    "dro": ("beta",),
+}
+
 # Loss inputs whose dtype is fixed by their meaning (Tinker converts the same way).
 _LOSS_INPUT_DTYPES: dict[str, TensorDtype] = {
     "target_tokens": "int64",

@@ -27,9 +27,10 @@ Ops (args -> result; arrays are numpy on both sides):
 
     hello                    {client}                         -> {protocol, server, tenant}
     heartbeat                {session_id}                     -> {session_id, timeout}
-                             (immediate; a session silent for `timeout` seconds has its
-                             runs parked until its next request; create_model may carry
-                             session_id, and a run created without one is its own session)
+                             (immediate; sent per ServiceClient every third of the
+                             timeout, at most 5 s; a session silent for `timeout` seconds
+                             has its runs parked until its next request; create_model may
+                             carry session_id, and a run created without one is its own session)
     get_server_capabilities  {}                               -> GetServerCapabilitiesResponse
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
@@ -47,9 +48,6 @@ Ops (args -> result; arrays are numpy on both sides):
                               include_prompt_logprobs, topk_prompt_logprobs}
                                                               -> SampleResponse
     compute_logprobs         {sampler_id, prompt}             -> {logprobs}
-    heartbeat                {session_id}                     -> {session_id, timeout} (per
-                                                                 ServiceClient, every third
-                                                                 of the timeout, at most 5 s)
     list_training_runs       {limit, offset}                  -> TrainingRunsResponse
     get_training_run         {run_id}                         -> TrainingRun
     list_checkpoints         {run_id}                         -> CheckpointsListResponse

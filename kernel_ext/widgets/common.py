@@ -55,9 +55,7 @@ class Throttle:
     def flush_now(self) -> None:
         """Flush at once (e.g. when a run ends), cancelling a scheduled flush."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._cancel_timer()
             self._last = time.monotonic()
         self._run()
 
@@ -71,9 +69,12 @@ class Throttle:
 
     def cancel(self) -> None:
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._cancel_timer()
+
+    def _cancel_timer(self) -> None:  # the caller holds self._lock
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def downsample(xs: Sequence[float], ys: Sequence[float], max_points: int = MAX_POINTS

@@ -386,6 +386,7 @@ class Engine:
             with torch.set_grad_enabled(backward):
                 lp_T = self._target_logprobs(base, batch, targets)  # [T]
                 total = lp_T.new_zeros(())
+                losses = []
                 for seq in batch.sequences:
                     k, d = seqs[seq.key][0], seqs[seq.key][1]
                     item = items[k]
@@ -396,10 +397,16 @@ class Engine:
                     }
                     loss = L.LOSSES[item.loss_fn](lp, inputs, item.loss_fn_config)
                     total = total + loss
-                    loss_sums[k] += float(loss.detach())
-                    logprobs[k][d] = lp.detach().float().cpu().numpy()
+                    losses.append(loss.detach())
                 if backward and total.requires_grad:
                     total.backward()
+            # One device-to-host copy per micro-batch (not two syncs per sequence), after
+            # the backward is queued so the device is not left idle waiting for it.
+            lp_host = lp_T.detach().float().cpu().numpy()
+            for seq, loss in zip(batch.sequences, torch.stack(losses).cpu().tolist()):
+                k, d = seqs[seq.key][0], seqs[seq.key][1]
+                loss_sums[k] += loss
+                logprobs[k][d] = lp_host[seq.start:seq.start + seq.length].copy()
         return [
             ForwardResult(logprobs=logprobs[k], metrics={"loss:sum": loss_sums[k]})
             for k in range(len(items))

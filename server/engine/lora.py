@@ -172,7 +172,7 @@ class MultiLoRALinear(nn.Module):
 
     def _aligned(self, dtype: torch.dtype) -> bool:
         """Grouped GEMM needs 16-byte aligned rows; odd sizes (e.g. a vocab of 50257) loop."""
-        align = 16 // torch.empty((), dtype=dtype).element_size()
+        align = 16 // dtype.itemsize
         return self.in_features % align == 0 and self.out_features % align == 0
 
     def _add_loop(self, x: torch.Tensor, out: torch.Tensor, active: Sequence[Span]) -> None:
@@ -216,7 +216,7 @@ class MultiLoRALinear(nn.Module):
             return cache[key]
         pairs = [self.adapters[slot] for slot in slots]
         r_max = max(p.lora_A.shape[0] for p in pairs)
-        align = 16 // torch.empty((), dtype=dtype).element_size()
+        align = 16 // dtype.itemsize
         r_max = -(-r_max // align) * align  # grouped GEMM wants 16-byte aligned strides
         a = torch.stack([_pad_rank(p.lora_A, r_max, 0) for p in pairs]).to(dtype)  # [S, r, in]
         b = torch.stack([

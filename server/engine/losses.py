@@ -19,23 +19,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# What each loss needs besides target_tokens, and which config keys it reads (one table,
+# shared with the client's validation).
+from workbench.types import LOSS_CONFIG_KEYS as CONFIG_KEYS
+from workbench.types import LOSS_INPUTS as REQUIRED_INPUTS
+
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
-# What each loss needs besides target_tokens, and which config keys it reads.
-REQUIRED_INPUTS = {
-    "cross_entropy": ("weights",),
-    "importance_sampling": ("logprobs", "advantages"),
-    "ppo": ("logprobs", "advantages"),
-    "cispo": ("logprobs", "advantages"),
-    "dro": ("logprobs", "advantages"),
-}
-CONFIG_KEYS = {
-    "cross_entropy": (),
-    "importance_sampling": (),
-    "ppo": ("clip_low_threshold", "clip_high_threshold"),
-    "cispo": ("clip_low_threshold", "clip_high_threshold"),
-    "dro": ("beta",),
-}
 DEFAULT_CLIP_LOW, DEFAULT_CLIP_HIGH = 0.8, 1.2
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Protocol, Sequence
 
+from ..data import full_sequence
 from ..renderers.base import Message, Renderer
-from ..types import Datum, ModelInput, SamplingParams
+from ..types import Datum, SamplingParams
 
 
 class TrainingClientEvaluator:
@@ -66,7 +67,7 @@ class NLLEvaluator(TrainingClientEvaluator):
             out = client.forward(self.datums, "cross_entropy").result()
             logprobs = [o["logprobs"].tolist() for o in out.loss_fn_outputs]
         else:
-            futures = [client.compute_logprobs(_full_sequence(d, i)) for i, d in enumerate(self.datums)]
+            futures = [client.compute_logprobs(full_sequence(d, f"datums[{i}]")) for i, d in enumerate(self.datums)]
             logprobs = [f.result()[1:] for f in futures]  # [0] is None: nothing predicts token 0
         return self.metrics_from_logprobs(logprobs)
 
@@ -95,15 +96,6 @@ class NLLEvaluator(TrainingClientEvaluator):
         if self.tokenizer is not None:
             metrics[f"{prefix}/bits_per_byte"] = text_nats / math.log(2) / text_bytes if text_bytes else math.nan
         return metrics
-
-
-def _full_sequence(datum: Datum, index: int) -> ModelInput:
-    tokens = datum.model_input.to_ints()
-    targets = datum.loss_fn_inputs["target_tokens"].tolist()
-    if tokens[1:] != targets[:-1]:
-        raise ValueError(f"datums[{index}] is not next-token shifted (target_tokens != input[1:] + "
-                         "[last]); compute_logprobs can only score such datums, use a TrainingClient")
-    return ModelInput.from_ints(tokens + targets[-1:])
 
 
 def _counted_bytes(tokens: list[int], counted: list[bool], tokenizer: Any) -> int:

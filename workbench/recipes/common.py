@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .. import types
@@ -192,17 +192,18 @@ def train_step(training_client, data: Sequence[types.Datum], loss_fn: str, adam:
     step. Returns the two calls' metrics merged (loss:sum, ...).
     """
     fb = training_client.forward_backward(list(data), loss_fn, loss_fn_config)
-    opt = training_client.optim_step(adam)
-    metrics = dict(fb.result().metrics)
-    metrics.update(opt.result().metrics or {})
-    return metrics
+    return _await_step(fb, training_client.optim_step(adam))
 
 
 def train_step_custom(training_client, data: Sequence[types.Datum], loss_fn: Callable,
                       adam: types.AdamParams) -> dict[str, float]:
     """train_step with a client-side loss (forward_backward_custom) instead of a built-in one."""
     fb = training_client.forward_backward_custom(list(data), loss_fn)
-    opt = training_client.optim_step(adam)
+    return _await_step(fb, training_client.optim_step(adam))
+
+
+def _await_step(fb, opt) -> dict[str, float]:
+    """Wait on a submitted forward_backward and optim_step; their metrics merged."""
     metrics = dict(fb.result().metrics)
     metrics.update(opt.result().metrics or {})
     return metrics

@@ -17,9 +17,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..data import SupervisedDataset, conversation_to_datum
+from ..data import SupervisedDataset, conversation_to_datum, full_sequence
 from ..types import AdamParams, Datum
-from ..rl.advantages import full_sequence
 from . import common
 
 

@@ -206,6 +206,29 @@ class Renderer(ABC):
         return f"{type(self).__name__}({getattr(self.tokenizer, 'name_or_path', '')!r})"
 
 
+class EndOfTurnTokenRenderer(Renderer):
+    """A chat template whose turns end with one special token (`end_of_turn_text`): that
+    token is the stop sequence, and a response is read up to it."""
+
+    end_of_turn_text: str
+
+    @property
+    def _end_of_turn(self) -> int:
+        return self._single_token(self.end_of_turn_text)
+
+    def get_stop_sequences(self) -> list[int]:
+        return [self._end_of_turn]
+
+    def _decode_turn(self, response: list[int]) -> tuple[str, bool]:
+        """The text before the first end-of-turn token, and whether there was one."""
+        response = list(response)
+        end = self._end_of_turn
+        ok = end in response
+        if ok:
+            response = response[: response.index(end)]
+        return self.tokenizer.decode(response), ok
+
+
 def _last_user(messages: list[Message]) -> int:
     return max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
 

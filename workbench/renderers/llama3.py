@@ -7,10 +7,12 @@ templates' "Cutting Knowledge Date" preamble is left to the caller).
 
 from __future__ import annotations
 
-from .base import Message, RenderContext, RenderedMessage, Renderer
+from .base import EndOfTurnTokenRenderer, Message, RenderContext, RenderedMessage
 
 
-class Llama3Renderer(Renderer):
+class Llama3Renderer(EndOfTurnTokenRenderer):
+    end_of_turn_text = "<|eot_id|>"
+
     @property
     def bos(self) -> str:
         return self.tokenizer.bos_token or "<|begin_of_text|>"
@@ -22,17 +24,7 @@ class Llama3Renderer(Renderer):
     def generation_header(self, role: str, ctx: RenderContext) -> str:
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
-    @property
-    def _end_of_turn(self) -> int:
-        return self._single_token("<|eot_id|>")
-
-    def get_stop_sequences(self) -> list[int]:
-        return [self._end_of_turn]
-
     def parse_response(self, response: list[int]) -> tuple[Message, bool]:
         """Text up to the first <|eot_id|>; ok is False if there is none."""
-        response = list(response)
-        ok = self._end_of_turn in response
-        if ok:
-            response = response[: response.index(self._end_of_turn)]
-        return Message(role="assistant", content=self.tokenizer.decode(response)), ok
+        text, ok = self._decode_turn(response)
+        return Message(role="assistant", content=text), ok

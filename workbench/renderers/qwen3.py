@@ -13,7 +13,7 @@ Mirrors Qwen3's chat template (and the built-in tiny-qwen3's, which is the same 
 
 from __future__ import annotations
 
-from .base import Message, RenderContext, RenderedMessage, Renderer
+from .base import EndOfTurnTokenRenderer, Message, RenderContext, RenderedMessage
 
 
 def _split_reasoning(content: str) -> tuple[str, str]:
@@ -28,7 +28,7 @@ def _think_block(reasoning: str) -> str:
     return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n"
 
 
-class Qwen3Renderer(Renderer):
+class Qwen3Renderer(EndOfTurnTokenRenderer):
     """Qwen3 with thinking enabled (the template's default).
 
     Training on a final assistant turn teaches the model to write the (possibly empty) think
@@ -39,6 +39,7 @@ class Qwen3Renderer(Renderer):
     # earlier assistant turn reads differently in a later prompt than when it was produced.
     has_extension_property = False
     close_think_block_in_prompt = False
+    end_of_turn_text = "<|im_end|>"
 
     def _frames(self, message: Message, reasoning: str, ctx: RenderContext) -> bool:
         # Template: `loop.index0 > ns.last_query_index and (loop.last or reasoning_content)`,
@@ -71,21 +72,10 @@ class Qwen3Renderer(Renderer):
             header += _think_block("")
         return header
 
-    @property
-    def _end_of_turn(self) -> int:
-        return self._single_token("<|im_end|>")
-
-    def get_stop_sequences(self) -> list[int]:
-        return [self._end_of_turn]
-
     def parse_response(self, response: list[int]) -> tuple[Message, bool]:
         """Text up to the first <|im_end|>. An empty think block (the one the template writes
         on a turn that did not reason) is removed; real reasoning stays inline."""
-        response = list(response)
-        ok = self._end_of_turn in response
-        if ok:
-            response = response[: response.index(self._end_of_turn)]
-        text = self.tokenizer.decode(response)
+        text, ok = self._decode_turn(response)
         empty = _think_block("")
         if text.startswith(empty):
             text = text[len(empty):]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..types import Datum, ModelInput
+from ..data import full_sequence
+from ..types import Datum
 from .types import TrajectoryGroup
 
 
@@ -33,12 +34,6 @@ def remove_constant_reward_groups(
     """
     kept = [g for g in groups if len(set(g.total_rewards())) > 1]
     return kept, len(groups) - len(kept)
-
-
-def full_sequence(datum: Datum) -> ModelInput:
-    """The whole token sequence a next-token-aligned datum was cut from: input + last target."""
-    targets = datum.loss_fn_inputs["target_tokens"].data
-    return datum.model_input.append_int(int(targets[-1]))
 
 
 def add_kl_penalty(

@@ -3,7 +3,7 @@
 An `Env` is one episode for one agent (single use: make it, run it to the end, drop it). An
 `EnvGroupBuilder` makes the group of envs whose rewards are centred together (GRPO: the same
 problem several times). An `RLDataset` hands out batches of builders. The rollout loop
-(`workbench.rl.rollouts`) turns a batch into `TrajectoryGroup`s; `workbench.rl.data` turns
+(`workbench.rl.rollouts`) turns a batch into `TrajectoryGroup`s; `workbench.rl.data_processing` turns
 those into training `Datum`s.
 
 Envs are synchronous on purpose: the sampling happens on the server and the rollout loop
