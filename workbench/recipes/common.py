@@ -209,6 +209,13 @@ def _await_step(fb, opt) -> dict[str, float]:
     return metrics
 
 
+def step_sampling_params(params: types.SamplingParams, config: BaseConfig,
+                         step: int) -> types.SamplingParams:
+    """`params` seeded for this step (rollouts vary the seed further per call), so a run, its
+    rerun and its resume sample exactly the same tokens."""
+    return params.model_copy(update={"seed": config.seed * 1_000_003 + step * 10_007})
+
+
 def make_renderer(training_client, config: BaseConfig):
     """The config's renderer (or the base model's recommended one) on the run's tokenizer."""
     from .. import renderers

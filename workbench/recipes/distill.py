@@ -66,7 +66,8 @@ def on_policy(training, teacher, renderer, problems, config: Config, log, start:
     for step in common.progress(range(start, config.n_steps), config.n_steps - start, "distill",
                                 config.progress):
         student = training.save_weights_and_get_sampling_client(f"distill-{step:06d}")
-        groups = do_group_rollouts(dataset.get_batch(step), student, params)
+        groups = do_group_rollouts(dataset.get_batch(step), student,
+                                   common.step_sampling_params(params, config, step))
         metrics = rollout_metrics(groups)  # the task reward too: a distillation side view
         # The task reward plays no part: advantages are the KL shaping alone.
         data, _ = assemble_training_data(groups, [[0.0] * len(g.trajectories) for g in groups])

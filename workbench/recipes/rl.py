@@ -65,9 +65,8 @@ def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeRe
     log = common.MetricsLog(config.log_dir, config)
 
     def rollout(step: int, sampler):
-        # Seeded per step (and per call inside), so a run and its resume sample the same way.
-        step_params = params.model_copy(update={"seed": config.seed * 1_000_003 + step * 10_007})
-        return do_group_rollouts(dataset.get_batch(step), sampler, step_params)
+        return do_group_rollouts(dataset.get_batch(step), sampler,
+                                 common.step_sampling_params(params, config, step))
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None  # the next batch's rollouts, when sampling runs ahead (off by one)
