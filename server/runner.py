@@ -271,68 +271,82 @@ class CycleRunner:
     # --------------------------------------------------------------- sample
 
     def _sample(self, works: list[Work]) -> int:
+        """Every sample request of a base in one batched generation, then every prompt to
+        score (compute_logprobs, and sample's include_prompt_logprobs) of that base in one
+        packed pass, whatever their adapters."""
         tokens = 0
         by_base: dict[str, list[tuple[Work, Sampler]]] = {}
-        logprob_groups: dict[tuple, list[Work]] = {}  # (adapter, base) -> compute_logprobs
         for work in works:
             try:
                 sampler = self.sampler(work.args["sampler_id"], work.tenant)
             except Exception as exc:
                 finish(work, error=as_error(exc))
                 continue
-            if work.op == "compute_logprobs":
-                logprob_groups.setdefault((sampler.adapter_id, sampler.base_model), []).append(work)
-                continue
             by_base.setdefault(sampler.base_model, []).append((work, sampler))
-        for (adapter_id, base_name), group in logprob_groups.items():
-            self._compute_logprobs(adapter_id, base_name, group)
         for base_name, group in by_base.items():
-            requests, owners = [], []
-            base = self.engine.load_model(base_name)
-            for work, sampler in group:
-                try:
-                    requests.append(self._sample_request(work, sampler, base))
-                    owners.append((work, sampler))
-                except Exception as exc:
-                    finish(work, error=as_error(exc))
-            if not requests:
-                continue
-            try:
-                outputs = self.engine.sample(base_name, requests)
-            except Exception as exc:
-                for work, _ in owners:
-                    finish(work, error=as_error(exc))
-                continue
-            for (work, sampler), request, outs in zip(owners, requests, outputs):
-                prompt_logprobs = None
-                if work.args.get("include_prompt_logprobs"):
-                    prompt_logprobs = self.engine.prompt_logprobs(
-                        sampler.adapter_id, base_name, [np.asarray(request.prompt)])[0]
+            samples = [(w, s) for w, s in group if w.op == "sample"]
+            scored = [(w, s, None) for w, s in group if w.op == "compute_logprobs"]
+            for work, sampler, outs in self._generate(base_name, samples):
                 tokens += sum(len(o.tokens) for o in outs)
-                finish(work, {
+                result = {
                     "sequences": [
                         {"tokens": np.asarray(o.tokens, dtype=np.int32),
                          "logprobs": np.asarray(o.logprobs, dtype=np.float32),
                          "stop_reason": o.stop_reason}
                         for o in outs
                     ],
-                    "prompt_logprobs": prompt_logprobs,
-                })
+                    "prompt_logprobs": None,
+                }
+                if work.args.get("include_prompt_logprobs"):
+                    scored.append((work, sampler, result))
+                else:
+                    finish(work, result)
+            self._score_prompts(base_name, scored)
         return tokens
 
-    def _compute_logprobs(self, adapter_id: Optional[str], base_name: str, works: list[Work]) -> None:
-        """One packed pass for a group's prompts; if it is refused (a bad prompt), each
-        request runs alone so that only the bad one fails."""
+    def _generate(self, base_name: str, group: list[tuple[Work, Sampler]]):
+        """(work, sampler, samples) of each request that generated; the others are finished
+        with their error here."""
+        if not group:
+            return []
+        requests, owners = [], []
+        base = self.engine.load_model(base_name)
+        for work, sampler in group:
+            try:
+                requests.append(self._sample_request(work, sampler, base))
+                owners.append((work, sampler))
+            except Exception as exc:
+                finish(work, error=as_error(exc))
+        if not requests:
+            return []
         try:
-            prompts = [np.asarray(w.args["prompt"]) for w in works]
-            results = self.engine.prompt_logprobs(adapter_id, base_name, prompts)
-        except Exception:
-            for work in works:
-                self._guarded(work, lambda w: {"logprobs": self.engine.prompt_logprobs(
-                    adapter_id, base_name, [np.asarray(w.args["prompt"])])[0]})
+            outputs = self.engine.sample(base_name, requests)
+        except Exception as exc:
+            for work, _ in owners:
+                finish(work, error=as_error(exc))
+            return []
+        return [(work, sampler, outs) for (work, sampler), outs in zip(owners, outputs)]
+
+    def _score_prompts(self, base_name: str, scored: list[tuple[Work, "Sampler", Optional[dict]]]) -> None:
+        """Prompt logprobs of compute_logprobs requests (result None) and of samples that
+        asked for them (their result dict gets `prompt_logprobs`), in one engine call; a
+        rejected prompt fails its own request only."""
+        if not scored:
             return
-        for work, logprobs in zip(works, results):
-            finish(work, {"logprobs": logprobs})
+        try:
+            outs = self.engine.prompt_logprobs(
+                base_name, [(sampler.adapter_id, np.asarray(work.args["prompt"])) for work, sampler, _ in scored])
+        except Exception as exc:  # the pass itself failed: nobody has a result
+            for work, _, _ in scored:
+                finish(work, error=as_error(exc))
+            return
+        for (work, _, result), out in zip(scored, outs):
+            if isinstance(out, Exception):
+                finish(work, error=as_error(out))
+            elif result is None:
+                finish(work, {"logprobs": out})
+            else:
+                finish(work, {**result, "prompt_logprobs": out})
 
     def _sample_request(self, work: Work, sampler: Sampler, base) -> SampleRequest:
         args = work.args

@@ -527,7 +527,7 @@ def full_logprobs_of(engine, adapter_id, base_name, prompt, tokens):
     """Engine forward logprobs of `tokens` continuing `prompt`."""
     seq = list(prompt) + list(tokens)
     if adapter_id is None:
-        out = engine.prompt_logprobs(None, base_name, [np.asarray(seq)])[0]
+        out = engine.prompt_logprobs(base_name, [(None, np.asarray(seq))])[0]
         return np.asarray(out[len(prompt):], dtype=np.float64)
     res = forward_one(engine, ForwardItem(adapter_id, [datum(seq)]), backward=False)
     return res.logprobs[0][len(prompt) - 1:]
@@ -553,7 +553,7 @@ def test_sampled_logprobs_equal_forward_logprobs(engine):
             expected = full_logprobs_of(engine, owner, QWEN, req.prompt, s.tokens)
             np.testing.assert_allclose(s.logprobs, expected, atol=1e-5, rtol=0)
             # compute_logprobs' path (prompt_logprobs) agrees too
-            pl = engine.prompt_logprobs(owner, QWEN, [np.asarray(req.prompt + s.tokens)])[0]
+            pl = engine.prompt_logprobs(QWEN, [(owner, np.asarray(req.prompt + s.tokens))])[0]
             assert pl[0] is None
             np.testing.assert_allclose(s.logprobs, pl[len(req.prompt):], atol=1e-5, rtol=0)
     assert outs[0][0].tokens != outs[0][1].tokens  # rows of one request differ
@@ -836,11 +836,30 @@ def test_bad_item_fails_alone_in_a_batch(engine):
 
 def test_prompt_logprobs_rejects_bad_tokens(engine, bad_input_adapter):
     aid, _ = bad_input_adapter
+    good = np.asarray([5, 6, 7])
     for owner in (aid, None):  # with an adapter, and the base model alone
-        for bad in ([5, 6, VOCAB, 7], [5, 6, 7, VOCAB], [-1, 5, 6]):
-            with pytest.raises(EngineInputError):
-                engine.prompt_logprobs(owner, QWEN, [np.asarray(bad)])
-        with pytest.raises(EngineInputError):
-            engine.prompt_logprobs(owner, QWEN, [np.arange(2100) % 4000])
-        out = engine.prompt_logprobs(owner, QWEN, [np.asarray([5, 6, 7]), np.asarray([9])])
+        for bad in ([5, 6, VOCAB, 7], [5, 6, 7, VOCAB], [-1, 5, 6], np.arange(2100) % 4000):
+            out = engine.prompt_logprobs(QWEN, [(owner, good), (owner, np.asarray(bad))])
+            assert isinstance(out[1], EngineInputError) and out[1].where == "prompt", out[1]
+            # the good prompt beside it gets exactly what it gets alone
+            assert out[0] == engine.prompt_logprobs(QWEN, [(owner, good)])[0]
+        out = engine.prompt_logprobs(QWEN, [(owner, good), (owner, np.asarray([9]))])
         assert out[0][0] is None and len(out[0]) == 3 and out[1] == [None]
+    out = engine.prompt_logprobs(QWEN, [(aid, good), ("no-such-adapter", good)])
+    assert isinstance(out[1], EngineInputError) and "no-such-adapter" in str(out[1])
+
+
+def test_prompt_logprobs_of_many_adapters_share_a_pass_and_equal_alone(engine):
+    rng = np.random.default_rng(21)
+    owners = []
+    for k in range(3):
+        aid, ad = new_adapter(engine, rank=4 + 4 * k, seed=70 + k)
+        randomize_lora_B(ad, 500 + k)
+        owners.append(aid)
+    owners.append(None)  # the base model, in the same pass
+    requests = [(owner, rand_seq(rng, 5 + 3 * i)) for i, owner in enumerate(owners * 2)]
+    together = engine.prompt_logprobs(QWEN, requests)
+    for request, got in zip(requests, together):
+        alone = engine.prompt_logprobs(QWEN, [request])[0]
+        assert got[0] is None and alone[0] is None and len(got) == len(request[1])
+        np.testing.assert_allclose(got[1:], alone[1:], atol=1e-5, rtol=0)

@@ -496,3 +496,34 @@ def test_silent_session_is_parked_and_comes_back(server, alice, tokenizer):
     finally:
         raw.close()
         events.close()
+
+
+def test_prompt_scoring_of_many_adapters_in_one_cycle_equals_alone(alice, bob, tokenizer):
+    """compute_logprobs and sample(include_prompt_logprobs) of two tenants (an adapter and
+    the base model) are scored in shared passes; a bad prompt beside them fails alone."""
+    trained = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4)
+    trained.forward_backward([datum(tokenizer, "score me together")], "cross_entropy")
+    trained.optim_step(types.AdamParams(learning_rate=1e-2)).result(60)
+    mine = trained.save_weights_and_get_sampling_client("scoring")
+    theirs = bob.create_sampling_client(base_model="tiny-qwen3")
+    prompt = types.ModelInput.from_ints(tokenizer.encode("one shared pass"))
+    params = types.SamplingParams(max_tokens=3, temperature=0.0)
+    alone = [mine.compute_logprobs(prompt).result(60), theirs.compute_logprobs(prompt).result(60),
+             mine.sample(prompt, 1, params, include_prompt_logprobs=True).result(60)]
+    bad = Raw(bob.base_url, "key-b")
+    try:
+        futures = [mine.compute_logprobs(prompt), theirs.compute_logprobs(prompt),
+                   mine.sample(prompt, 1, params, include_prompt_logprobs=True)]
+        reply = bad.call("compute_logprobs", {"sampler_id": theirs.sampler_id,
+                                              "prompt": np.array([5, 6, 10**6], np.int32)})
+    finally:
+        bad.close()
+    together = [f.result(60) for f in futures]
+    assert reply["error"]["type"] == "InvalidRequestError" and reply["error"]["where"] == "prompt"
+    def close(a, b):  # shared passes pack differently from lone ones: fp32 rounding only
+        return a[0] is None and b[0] is None and np.allclose(a[1:], b[1:], atol=1e-5, rtol=0)
+
+    assert close(together[0], alone[0]) and close(together[1], alone[1])
+    assert not close(together[0], together[1])  # the adapter moved away from the base model
+    assert close(together[2].prompt_logprobs, alone[0]) and close(alone[2].prompt_logprobs, alone[0])
+    assert together[2].sequences[0].tokens == alone[2].sequences[0].tokens

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -477,26 +477,40 @@ class Engine:
                 f"model's context of {base.max_length}", f"{where}.sampling_params.max_tokens",
             )
 
-    def prompt_logprobs(self, adapter_id: Optional[str], base_name: str, prompts: list[np.ndarray]) -> list[list[Optional[float]]]:
-        """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] for each prompt."""
+    def prompt_logprobs(
+        self, base_name: str, requests: Sequence[tuple[Optional[str], np.ndarray]],
+    ) -> list[Any]:
+        """[None, logp(t1 | t0), logp(t2 | t0 t1), ...] for each (adapter id or None, prompt).
+
+        All requests share packed passes whatever their adapters (None: the base model).
+        Like `forward`, returns per request either its logprobs or the EngineInputError that
+        rejected it (naming the field `prompt`); a rejected prompt never reaches the model.
+        """
         base = self.load_model(base_name)
+        results: list[Any] = [None] * len(requests)
         items, spots = [], []
-        for p, prompt in enumerate(prompts):
-            if len(prompt) >= 2:
-                tokens = np.asarray(prompt[:-1], dtype=np.int64)
-                targets = np.asarray(prompt[1:], dtype=np.int64)
-                weights = np.zeros(len(tokens), dtype=np.float32)
-                items.append(EngineDatum(tokens, {"target_tokens": targets, "weights": weights}))
-                spots.append(p)
-        out: list[list[Optional[float]]] = [[None] * min(len(p), 1) for p in prompts]
+        for p, (adapter_id, prompt) in enumerate(requests):
+            prompt = np.asarray(prompt, dtype=np.int64)
+            if len(prompt) < 2:  # nothing to score: the first token has no context
+                results[p] = [None] * len(prompt)
+                continue
+            item = ForwardItem(adapter_id, [EngineDatum(prompt[:-1], {
+                "target_tokens": prompt[1:], "weights": np.zeros(len(prompt) - 1, np.float32)})])
+            try:
+                if adapter_id is not None and self.adapter(adapter_id).base != base_name:
+                    raise EngineInputError(f"adapter {adapter_id!r} is not an adapter of {base_name!r}")
+                self.validate(item, base_name)
+            except EngineInputError as exc:
+                # The datum's fields are an internal view here: the caller sent a prompt.
+                results[p] = EngineInputError(exc.message, "prompt")
+                continue
+            items.append(item)
+            spots.append(p)
         if items:
-            item = ForwardItem(adapter_id, items, "cross_entropy")
-            self.validate(item, base_name)
-            self._use([adapter_id])
-            result = self._packed_pass(base, [item], backward=False)[0]
-            for p, lp in zip(spots, result.logprobs):
-                out[p] = [None, *lp.astype(np.float64).tolist()]
-        return out
+            self._use({item.adapter_id for item in items if item.adapter_id is not None})
+            for p, out in zip(spots, self._packed_pass(base, items, backward=False)):
+                results[p] = [None, *out.logprobs[0].astype(np.float64).tolist()]
+        return results
 
     # ------------------------------------------------------------------- state
 
