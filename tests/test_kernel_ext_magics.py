@@ -156,7 +156,7 @@ def test_rollouts_from_a_list(ip):
     ]
     dash = ip.run_line_magic("tinker", "rollouts groups")
     assert [g.zero_variance for g in dash.groups] == [False, True]
-    assert "zero variance" in dash.body.value
+    assert "zero variance" in dash.body_html
     dash.close()
 
 

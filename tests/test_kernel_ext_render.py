@@ -202,8 +202,8 @@ def test_rollout_dashboard_flags_zero_variance_groups():
     g0, g1 = dash.groups
     assert [s.advantage for s in g0.samples] == [0.5, -0.5] and not g0.zero_variance
     assert g1.zero_variance
-    assert dash.body.value.count("wb-zero-variance") == 1
-    assert "wb-heat" in dash.body.value
+    assert dash.body_html.count("wb-zero-variance") == 1
+    assert "wb-heat" in dash.body_html
     assert list(dash.fig.data[1].x) == [1]
     assert dash.stats()["zero_variance_groups"] == 1.0
     with pytest.raises(ValueError, match="sample 0 has no reward"):
@@ -244,7 +244,41 @@ def test_rollout_dashboard_consumes_a_stream_in_the_background():
     assert len(dash.groups) == 1  # the cell did not wait for the slow stream
     gate.set()
     thread.join(5)
-    assert len(dash.groups) == 2 and "group 1" in dash.body.value
+    assert len(dash.groups) == 2 and "group 1" in dash.body_html
+    dash.close()
+
+
+def test_rollout_dashboard_redraws_only_new_groups(monkeypatch):
+    """A second batch renders its own groups only: the first batch's widgets (and HTML) are
+    the same objects, just moved down; groups scrolled out of the window are closed."""
+    import kernel_ext.widgets.rollouts as rollouts
+
+    monkeypatch.setattr(rollouts, "SHOWN_GROUPS", 3)
+    dash = RolloutDashboard()
+    rendered = []
+    render_group = dash.group_html
+    monkeypatch.setattr(dash, "group_html", lambda g: rendered.append(g.index) or render_group(g))
+    dash.extend([[{"reward": 0.0}, {"reward": 1.0}], [{"reward": 1.0}, {"reward": 1.0}]])
+    dash.flush()
+    assert rendered == [0, 1]
+    first = dash.body.children
+    values = [c.value for c in first]
+    assert "group 1" in values[0] and "group 0" in values[1]  # newest first
+    dash.add_group([{"reward": 0.5}, {"reward": 0.0}])
+    dash.flush()
+    assert rendered == [0, 1, 2]  # only the new group was rendered
+    assert dash.body.children[1:] == first and [c.value for c in first] == values
+    assert "group 2" in dash.body.children[0].value
+    dash.flush()  # nothing new: nothing rendered, children untouched
+    assert rendered == [0, 1, 2]
+    dash.extend([[{"reward": 1.0}], [{"reward": 2.0}]])
+    dash.flush()
+    assert rendered == [0, 1, 2, 3, 4]
+    assert [c.value.split("</b>")[0][-7:] for c in dash.body.children] == ["group 4", "group 3", "group 2"]
+    assert first[0].comm is None and first[1].comm is None  # groups 1 and 0 scrolled out: closed
+    static = dash.static_html()
+    assert rendered == [0, 1, 2, 3, 4]  # the static view reuses the shown groups' HTML
+    assert static.index("group 2") < static.index("group 4") and "group 1<" not in static
     dash.close()
 
 

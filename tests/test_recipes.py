@@ -199,6 +199,23 @@ def test_dpo_raises_held_out_preference_accuracy(server, tmp_path):
     assert end["eval/implicit_accuracy"] >= 0.875 and end["eval/implicit_margin"] > 1.0, evals
 
 
+def test_eval_every_zero_evaluates_only_at_the_end(server, tmp_path):
+    """eval_every 0 is "end only" (its help): one evaluation row at step n_steps, none at step
+    0; eval_every 1 evaluates before every step as well. DPO and SFT alike."""
+    small = dict(run_kwargs(server, tmp_path, "x"), **TASK, n_steps=2)
+
+    def eval_steps(recipe, key, name, **overrides):
+        config = recipe.Config(**{**small, "log_dir": str(tmp_path / name)}, **overrides)
+        return [r["step"] for r in recipe.main(config).metrics if key in r]
+
+    assert eval_steps(dpo, "eval/pref_accuracy", "dpo0", pairs_per_batch=2, eval_every=0) == [2]
+    assert eval_steps(dpo, "eval/pref_accuracy", "dpo1", pairs_per_batch=2, eval_every=1) == [0, 1, 2]
+    assert eval_steps(sft, "eval/held_out/nll", "sft0", batch_size=2, eval_every=0, eval_max_tokens=2) == [2]
+    for recipe in (dpo, sft):
+        with pytest.raises(ValueError, match="eval_every must be >= 0.*got -1"):
+            recipe.main(recipe.Config(**small, eval_every=-1))
+
+
 # ------------------------------------------------------------------------ distill
 
 def test_on_policy_distillation_lowers_reverse_kl(server, tmp_path, sft_run):

@@ -1,7 +1,7 @@
 """Server monitor: the server's clock cycles over time, from its event stream.
 
-Each cycle event carries cycle, start, seconds, tenants, runs, requests (by kind), tokens and
-queue_depth. The monitor keeps them all and draws four panels (tenants, tokens, seconds per
+Each cycle event carries cycle, start, seconds, tenants, runs, requests (by kind), tokens,
+queue_depth and queue_depth_by_tenant (shown in the header). The monitor keeps them all and draws four panels (tenants, tokens, seconds per
 cycle, queue depth) against the cycle number, throttled and downsampled like the loss curve.
 """
 
@@ -70,10 +70,14 @@ class ServerMonitor:
             return '<div class="wb-monitor-latest" style="font-family:monospace">waiting for cycles...</div>'
         requests = ev.get("requests") or {}
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) if isinstance(requests, dict) else str(requests)
+        by_tenant = ev.get("queue_depth_by_tenant") or {}  # {tenant: queued requests}, when any
+        queued = ""
+        if isinstance(by_tenant, dict) and by_tenant:
+            queued = " (" + ", ".join(f"{t} {n}" for t, n in sorted(by_tenant.items())) + ")"
         return (f'<div class="wb-monitor-latest" style="font-family:monospace">cycle '
                 f'<b class="wb-monitor-cycle">{int(ev["cycle"])}</b> · tenants {ev.get("tenants", "-")} · '
                 f'runs {ev.get("runs", "-")} · tokens {ev.get("tokens", "-")} · '
-                f'{_number(ev.get("seconds", 0)) * 1000:.1f} ms · queue {ev.get("queue_depth", "-")} · '
+                f'{_number(ev.get("seconds", 0)) * 1000:.1f} ms · queue {ev.get("queue_depth", "-")}{html.escape(queued)} · '
                 f'requests {html.escape(kinds) or "-"} · {len(self.cycles)} cycles seen</div>')
 
     def _redraw(self) -> None:

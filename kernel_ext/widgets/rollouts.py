@@ -106,8 +106,12 @@ class RolloutDashboard:
         self._lock = threading.Lock()
         self.summary = w.HTML()
         self.summary.add_class("wb-rollout-summary")
-        self.body = w.HTML(layout=w.Layout(max_height="420px", overflow="auto"))
+        # One HTML widget per shown group, newest first. Groups never change once added, so a
+        # redraw renders only the groups it has not seen and moves the others' widgets: the
+        # browser is sent the new groups' HTML, not the whole list again.
+        self.body = w.VBox(layout=w.Layout(max_height="420px", overflow="auto"))
         self.body.add_class("wb-rollouts")
+        self._group_widgets: dict[int, Any] = {}  # shown group's index -> its HTML widget
         self.fig = go.FigureWidget(layout=dict(height=220, margin=dict(l=40, r=10, t=30, b=30),
                                                title=dict(text="mean reward per group")))
         self.fig.add_scatter(name="mean reward", mode="lines+markers")
@@ -175,11 +179,31 @@ class RolloutDashboard:
         return (f'<div class="wb-group" style="margin:4px 0;border-left:3px solid #ccc;padding-left:6px">'
                 f'<b>group {group.index}</b> mean reward {group.mean_reward:.4g}{flag}{"".join(rows)}</div>')
 
+    @property
+    def body_html(self) -> str:
+        """The group list's HTML as shown (newest group first)."""
+        return "".join(child.value for child in self.body.children)
+
+    def _sync_group_widgets(self, shown: Sequence[Group]) -> None:
+        """Body children = `shown` newest first; new groups get a widget, ones scrolled out
+        of the window are closed and forgotten (groups only append, so they never return)."""
+        import ipywidgets as w
+
+        keep = {g.index for g in shown}
+        for index in [i for i in self._group_widgets if i not in keep]:
+            self._group_widgets.pop(index).close()
+        for g in shown:
+            if g.index not in self._group_widgets:
+                self._group_widgets[g.index] = w.HTML(self.group_html(g))
+        children = tuple(self._group_widgets[g.index] for g in reversed(shown))
+        if children != self.body.children:
+            self.body.children = children
+
     def _redraw(self) -> None:
         with self._lock:
             groups = list(self.groups)
         self.summary.value = self.summary_html()
-        self.body.value = "".join(self.group_html(g) for g in reversed(groups[-SHOWN_GROUPS:]))
+        self._sync_group_widgets(groups[-SHOWN_GROUPS:])
         with self.fig.batch_update():
             self.fig.data[0].x = [g.index for g in groups]
             self.fig.data[0].y = [g.mean_reward for g in groups]
@@ -195,7 +219,13 @@ class RolloutDashboard:
             groups = list(self.groups)
         plot = render.svg_lines({"mean reward": ([g.index for g in groups], [g.mean_reward for g in groups])},
                                 title="mean reward per group")
-        return self.summary_html() + plot + "".join(self.group_html(g) for g in groups[-SHOWN_GROUPS:])
+        return self.summary_html() + plot + "".join(self._shown_html(g) for g in groups[-SHOWN_GROUPS:])
+
+    def _shown_html(self, group: Group) -> str:
+        """The group's HTML from its widget when a redraw made one, else rendered now (read
+        only: the widgets are changed by redraws alone, which the throttle runs one at a time)."""
+        widget = self._group_widgets.get(group.index)
+        return widget.value if widget is not None else self.group_html(group)
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -207,7 +237,7 @@ class RolloutDashboard:
 
     def close(self) -> None:
         self.throttle.cancel()
-        for widget in (self.summary, self.fig, self.body, self.widget):
+        for widget in (*self._group_widgets.values(), self.summary, self.fig, self.body, self.widget):
             widget.close()
 
 

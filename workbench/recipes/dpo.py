@@ -4,7 +4,8 @@
 
 Pairs: chosen = the problem's correct answer, rejected = the answer of another problem (a
 wrong one). On the recall task a held-out question asks a key the training pairs asked
-through other templates, so the learnt preference transfers to held-out pairs. The loss runs on the client through forward_backward_custom:
+through other templates, so the learnt preference transfers to held-out pairs. The loss runs
+on the client through forward_backward_custom:
 
     -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))))
 
@@ -96,6 +97,8 @@ def preference_accuracy(training, pairs, ref_pairs) -> dict[str, float]:
 
 
 def main(config: Config) -> common.RecipeResult:
+    if config.eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0 (0: evaluate only at the end), got {config.eval_every}")
     service = common.make_service(config)
     training, start = common.make_training_client(service, config)
     renderer = common.make_renderer(training, config)
@@ -107,10 +110,12 @@ def main(config: Config) -> common.RecipeResult:
     # Batches of pair indices, so each pair keeps its reference logprobs.
     batches = SupervisedDataset(list(range(len(train_pairs))), config.pairs_per_batch, seed=config.seed)
     log = common.MetricsLog(config.log_dir, config)
-    every = config.eval_every or config.n_steps + 1
     for step in common.progress(range(start, config.n_steps), config.n_steps - start, "dpo",
                                 config.progress):
-        evals = preference_accuracy(training, test_pairs, ref_test) if test_pairs and step % every == 0 else {}
+        # Before the step's update, at steps 0, eval_every, 2 * eval_every, ...; eval_every 0
+        # must skip step 0 too (its help says "end only"), leaving the final row at n_steps.
+        due = config.eval_every > 0 and step % config.eval_every == 0
+        evals = preference_accuracy(training, test_pairs, ref_test) if test_pairs and due else {}
         batches.set_epoch(step // len(batches))
         picked = batches.get_batch(step % len(batches))
         data = [d for i in picked for d in train_pairs[i]]

@@ -38,6 +38,8 @@ class Config(common.BaseConfig):
 
 
 def main(config: Config) -> common.RecipeResult:
+    if config.eval_every < 0:  # checked before any server work
+        raise ValueError(f"eval_every must be >= 0 (0: evaluate only at the end), got {config.eval_every}")
     service = common.make_service(config)
     training, start = common.make_training_client(service, config)
     renderer = common.make_renderer(training, config)
@@ -57,7 +59,9 @@ def run_sft_steps(training, dataset: SupervisedDataset, config: Config, log: com
     recipe, which trains on teacher samples.
     """
     schedule = SCHEDULES[config.lr_schedule]
-    periodic = PeriodicEvaluator(evaluators, config.eval_every or config.n_steps,
+    # eval_every 0: a period no step of the loop reaches and no step-0 run, so only the final
+    # evaluation below runs (max(..., 1): PeriodicEvaluator rejects a period of 0 steps).
+    periodic = PeriodicEvaluator(evaluators, config.eval_every or max(config.n_steps, 1),
                                  run_at_start=config.eval_every > 0)
     for step in common.progress(range(start, config.n_steps), config.n_steps - start, "sft",
                                 config.progress):
