@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "have work, so one flooding tenant cannot starve the others; 0 = no cap "
                         "(default 65536)")
     parser.add_argument("--session-timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="park the runs of a session (client) silent for this long: state "
-                        "kept, adapters evicted from the accelerator until its next request "
+                        help="park the runs and checkpoint samplers of a session (a workbench "
+                        "client, or a tinker SDK session on --tinker-port) silent for this long: "
+                        "state kept, adapters evicted from the accelerator until its next request "
                         "(default 120)")
     parser.add_argument("--max-message-mb", type=float, default=256.0,
                         help="largest request accepted, in MiB; a larger one gets an error "
@@ -137,8 +138,9 @@ def autosave(runner, log) -> list[str]:
 
 
 class Parking:
-    """Park/unpark requests from the I/O thread, applied on the engine thread at the start
-    of the next cycle (the engine is only ever touched by that thread)."""
+    """Park/unpark requests from the session book (frontend threads), applied on the engine
+    thread at the start of the next cycle (the engine is only ever touched by that thread).
+    Ids are engine adapter ids: training runs, and samplers on a checkpoint."""
 
     def __init__(self, engine):
         import queue
@@ -160,7 +162,8 @@ class Parking:
                 action, run_ids = self.pending.get_nowait()
             except queue.Empty:
                 return
-            # The engine's park/unpark land separately; without them parking only keeps books.
+            # The engine has park; it brings a parked adapter back by itself on its next use,
+            # so without an `unpark` method an unpark is only book-keeping.
             method = getattr(self.engine, action, None)
             for run_id in run_ids:
                 if method is not None and run_id in self.engine.adapters:
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from .frontend import Frontend
     from .runner import CycleRunner
     from .scheduler import Scheduler, finish, run_loop
+    from .sessions import Sessions
     from .store import Store
     from workbench.errors import ServerError
 
@@ -263,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     runner = CycleRunner(engine, store)
     parking = Parking(engine)
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
+    # One book of client sessions for both frontends; its events go out on the PUB socket.
+    sessions = Sessions(args.session_timeout, on_park=parking.park, on_unpark=parking.unpark,
+                        publish=lambda event: frontend.publish("session", event))
     frontend = Frontend(
         scheduler, keys,
         info=lambda: {"models": capabilities.model_names, "device": str(engine.device)},
-        max_message_bytes=int(args.max_message_mb * 2**20),
-        session_timeout=args.session_timeout, on_park=parking.park, on_unpark=parking.unpark,
+        max_message_bytes=int(args.max_message_mb * 2**20), sessions=sessions,
         max_rank=args.max_rank, capabilities=capabilities.response,
     )
     warn_if_exposed(args.host, args)
@@ -280,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tinker_port is not None:
         from .tinker_http import TinkerGateway, tokenizer_id
 
-        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, max_rank=args.max_rank)
+        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, max_rank=args.max_rank,
+                                sessions=sessions)
         try:
             log(f"tinker gateway {gateway.start(args.host, args.tinker_port)}")
         except OSError as exc:

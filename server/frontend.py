@@ -8,12 +8,12 @@ go out on a PUB socket (topic b"cycle").
 The frontend never runs tensor code: it checks envelopes and keys, answers metadata ops at
 once, and turns engine ops into `Work` for the scheduler.
 
-Sessions: a client names its session in `heartbeat {session_id}` and in create_model's
-`session_id`; a run created without one is a session of its own. Any request that names the
-session or one of its runs counts as a sign of life. A session silent for `session_timeout`
-seconds has its runs parked (`on_park(run_ids)`: state kept, adapters off the accelerator);
-its next request unparks them (`on_unpark`) before that request is queued. Both publish an
-event on topic b"session".
+Sessions (`server.sessions.Sessions`, one book shared with the Tinker gateway): a client
+names its session in `heartbeat {session_id}` and in create_model's / create_sampling_session's
+`session_id`; a run or sampler created without one is a session of its own. Any request that
+names the session or one of its runs or samplers counts as a sign of life, and unparks a
+parked session before the request is queued. The serve loop sweeps for silent sessions; the
+tracker's events go out on topic b"session".
 
 Message size: a request whose frames total more than `max_message_bytes` gets a
 ProtocolError reply without being decoded; a single frame over twice that limit makes ZeroMQ
@@ -37,6 +37,7 @@ from workbench.errors import (
 )
 
 from .scheduler import PHASES, Scheduler, Work, as_error
+from .sessions import Key, Sessions
 
 SERVER_VERSION = "0.1.0"
 _WAKE_ADDR = "inproc://workbench-replies"
@@ -50,9 +51,7 @@ class Frontend:
         info: Callable[[], dict],
         max_message_bytes: int = 256 * 1024 * 1024,
         reply_cache: int = 4096,
-        session_timeout: float = 120.0,
-        on_park: Callable[[list[str]], None] = lambda run_ids: None,
-        on_unpark: Callable[[list[str]], None] = lambda run_ids: None,
+        sessions: Optional[Sessions] = None,
         max_rank: int = 128,
         capabilities: Callable[[], dict] = lambda: {"supported_models": []},
     ):
@@ -68,17 +67,10 @@ class Frontend:
         self._replies: "OrderedDict[tuple[str, str], Optional[list]]" = OrderedDict()
         self._reply_cache = reply_cache
         self._stop = threading.Event()
-        self.session_timeout = session_timeout
-        self.on_park, self.on_unpark = on_park, on_unpark
+        # Without a shared book (tests, tools) sessions are kept but parking does nothing.
+        self.sessions = sessions if sessions is not None else Sessions(120.0)
         self.max_rank = max_rank
         self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
-        # Sessions live on the I/O thread, except that replies (on the engine thread) record
-        # new runs and signs of life; hence the lock around the dicts.
-        self._seen: dict[tuple[str, str], float] = {}  # (tenant, session) -> last sign of life
-        self._parked: set[tuple[str, str]] = set()
-        self._session_runs: dict[tuple[str, str], list[str]] = {}
-        self._run_session: dict[str, tuple[str, str]] = {}
-        self._sessions_lock = threading.Lock()
         self.url = ""
         self.events_url = ""
 
@@ -132,9 +124,9 @@ class Frontend:
         next_sweep = time.monotonic()
         while not self._stop.is_set():
             ready = dict(poller.poll(200))
-            if time.monotonic() >= next_sweep:
-                self._park_silent_sessions()
-                next_sweep = time.monotonic() + min(1.0, self.session_timeout / 4)
+            if time.monotonic() >= next_sweep:  # for both frontends: they share the book
+                self.sessions.sweep()
+                next_sweep = time.monotonic() + min(1.0, self.sessions.timeout / 4)
             if self.wake_pull in ready:
                 while True:
                     try:
@@ -225,8 +217,7 @@ class Frontend:
 
         def done(result: Any, error: Optional[BaseException]) -> None:
             if session is not None:  # a long request's end is a sign of life too
-                with self._sessions_lock:
-                    self._seen[session] = time.monotonic()
+                self.sessions.touch(*session)
             reply = (
                 wire.ok_reply(request_id, result) if error is None
                 else wire.error_reply(request_id, as_error(error).to_wire())
@@ -235,7 +226,10 @@ class Frontend:
             self._wake()
 
         if op == "create_model":
-            done = self._recording_session(tenant, args.get("session_id"), done)
+            done = self._joining_session(tenant, args.get("session_id"), "run", done)
+        elif op == "create_sampling_session" and args.get("model_path"):
+            # Only a sampler on a checkpoint holds an adapter worth parking.
+            done = self._joining_session(tenant, args.get("session_id"), "sampler", done)
         self._replies[(tenant, request_id)] = None  # in flight
         try:
             self.scheduler.submit(Work.of(op, tenant, args, done))
@@ -253,68 +247,38 @@ class Frontend:
         if op == "ping":
             return {"time": time.time(), "cycle": self.scheduler.cycle}
         if op == "heartbeat":
-            return {"session_id": args["session_id"], "timeout": self.session_timeout}
+            return {"session_id": args["session_id"], "timeout": self.sessions.timeout}
         if op == "get_server_capabilities":
             return self.capabilities()
         return None
 
     # -------------------------------------------------------------- sessions
 
-    def _touch(self, tenant: str, op: str, args: dict) -> Optional[tuple[str, str]]:
-        """Record a sign of life of the session this request belongs to, unpark it, and
-        return its key (None for a request of no known session)."""
+    def _touch(self, tenant: str, op: str, args: dict) -> Optional[Key]:
+        """Record a sign of life of the session this request belongs to (named, or through
+        its run or sampler), unparking it, and return its key (None for no known session)."""
         session = args.get("session_id")
         if op == "heartbeat" and not isinstance(session, str):
             raise InvalidRequestError("heartbeat needs argument 'session_id' (a string)", "session_id")
         if session is not None and not isinstance(session, str):
             raise InvalidRequestError("session_id must be a string", "session_id")
-        key = (tenant, session) if session else None
-        if key is None and isinstance(args.get("model_id"), str):
-            with self._sessions_lock:
-                key = self._run_session.get(args["model_id"])
-            if key is not None and key[0] != tenant:
-                key = None  # another tenant's run: the scheduler answers "not found"
-        if key is None:
-            return None
-        with self._sessions_lock:
-            self._seen[key] = time.monotonic()
-        if key in self._parked:
-            self._parked.discard(key)
-            with self._sessions_lock:
-                runs = list(self._session_runs.get(key, ()))
-            self.on_unpark(runs)
-            self.publish("session", {"session": key[1], "state": "resumed", "runs": runs})
-        return key
+        if session:
+            return self.sessions.touch(tenant, session)
+        for name in ("model_id", "sampler_id"):
+            if isinstance(args.get(name), str):
+                return self.sessions.touch_member(tenant, args[name])
+        return None
 
-    def _recording_session(self, tenant: str, session: Optional[str], done: Callable) -> Callable:
-        """Wrap create_model's reply so the new run joins its session (its own if none)."""
-        def recording(result: Any, error: Optional[BaseException]) -> None:
-            if error is None and isinstance(result, dict) and "model_id" in result:
-                run_id = result["model_id"]
-                key = (tenant, session or f"run:{run_id}")
-                with self._sessions_lock:
-                    self._run_session[run_id] = key
-                    self._session_runs.setdefault(key, []).append(run_id)
-                    self._seen[key] = time.monotonic()
+    def _joining_session(self, tenant: str, session: Optional[str], kind: str, done: Callable) -> Callable:
+        """Wrap a create reply so that the new run or sampler joins its session (its own
+        if none) before the client hears of it."""
+        id_field = "model_id" if kind == "run" else "sampler_id"
+
+        def joining(result: Any, error: Optional[BaseException]) -> None:
+            if error is None and isinstance(result, dict) and id_field in result:
+                self.sessions.attach(tenant, session, result[id_field], kind)
             done(result, error)
-        return recording
-
-    def _park_silent_sessions(self) -> None:
-        now = time.monotonic()
-        with self._sessions_lock:
-            seen_items = list(self._seen.items())
-        for key, seen in seen_items:
-            if key in self._parked or now - seen < self.session_timeout:
-                continue
-            with self._sessions_lock:
-                runs = list(self._session_runs.get(key, ()))
-            if not runs:
-                with self._sessions_lock:
-                    self._seen.pop(key, None)  # a session without runs has nothing to keep
-                continue
-            self._parked.add(key)
-            self.on_park(runs)
-            self.publish("session", {"session": key[1], "state": "parked", "runs": runs})
+        return joining
 
 
 _REQUIRED = {

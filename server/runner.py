@@ -19,7 +19,7 @@ from workbench.errors import InvalidRequestError, NotFoundError
 from .engine.engine import AdapterConfig, Engine, EngineDatum, ForwardItem, random_seed
 from .engine.sampler import SampleRequest
 from .scheduler import CyclePlan, Work, as_error, finish
-from .store import Store, check_name, parse_uri
+from .store import Store, check_name, parse_checkpoint_path
 
 
 REST_OPS = ("list_training_runs", "get_training_run", "list_checkpoints",
@@ -134,7 +134,7 @@ class CycleRunner:
         return self._created(run_id)
 
     def _create_from_state(self, tenant: str, uri: str, optimizer: bool) -> dict:
-        src_run, _, _ = parse_uri(uri)
+        src_run, _, _ = parse_checkpoint_path(uri)
         meta = self.store.run_meta(src_run, tenant)
         tensors, _, optimizer_state = self.store.load_checkpoint(uri, tenant)
         config = AdapterConfig(**meta["lora"])
@@ -165,7 +165,7 @@ class CycleRunner:
         sampler_id = "sampler-" + secrets.token_hex(6)
         if args.get("model_path"):
             uri = args["model_path"]
-            run_id, _, _ = parse_uri(uri)
+            run_id, _, _ = parse_checkpoint_path(uri)
             meta = self.store.run_meta(run_id, tenant)
             tensors, peft_config, _ = self.store.load_checkpoint(uri, tenant)
             config = AdapterConfig(**{**meta["lora"]})
@@ -413,7 +413,7 @@ class CycleRunner:
 
     def _load_state(self, run: Run, work: Work) -> dict:
         uri = work.args["path"]
-        src_run, _, _ = parse_uri(uri)
+        src_run, _, _ = parse_checkpoint_path(uri)
         meta = self.store.run_meta(src_run, work.tenant)
         if meta["base_model"] != run.base_model:
             raise InvalidRequestError(

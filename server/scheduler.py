@@ -122,6 +122,11 @@ class Scheduler:
         with self._cond:
             return sum(len(q) for q in self._queues.values())
 
+    def queue_depth_by_tenant(self) -> dict[str, int]:
+        """Requests still queued, per tenant that has any (what --queue-limit counts)."""
+        with self._cond:
+            return {tenant: n for tenant, n in self._per_tenant.items() if n > 0}
+
     def wait_for_work(self, timeout: Optional[float]) -> bool:
         with self._cond:
             if not any(self._queues.values()):
@@ -258,6 +263,7 @@ def run_loop(
             "seconds": time.time() - started,
             "tenants": len({w.tenant for w in plan.works()}),
             "queue_depth": scheduler.queue_depth(),
+            "queue_depth_by_tenant": scheduler.queue_depth_by_tenant(),
             **figures,
             "run_metrics": run_metrics,
         }

@@ -16,7 +16,6 @@ checkpoints are reported as "not found", exactly like ones that do not exist.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import shutil
 import time
@@ -27,23 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import InvalidRequestError, NotFoundError
-
-SCHEME = "wb://"
-KINDS = ("weights", "sampler_weights")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def parse_uri(uri: str) -> tuple[str, str, str]:
-    """wb://<run_id>/<kind>/<name> -> (run_id, kind, name); InvalidRequestError otherwise."""
-    if not isinstance(uri, str) or not uri.startswith(SCHEME):
-        raise InvalidRequestError(f"checkpoint path must start with {SCHEME}, got {uri!r}", "path")
-    parts = uri[len(SCHEME):].split("/")
-    if len(parts) != 3 or parts[1] not in KINDS or not all(_NAME_RE.match(p) for p in (parts[0], parts[2])):
-        raise InvalidRequestError(
-            f"bad checkpoint path {uri!r}; expected {SCHEME}<run_id>/weights/<name> or "
-            f"{SCHEME}<run_id>/sampler_weights/<name>", "path",
-        )
-    return parts[0], parts[1], parts[2]
+# The one wb:// parser, shared with the SDK (its errors are InvalidRequestErrors at "path").
+from workbench.rest_client import KINDS, SCHEME, parse_checkpoint_path
+from workbench.rest_client import NAME_RE as _NAME_RE
 
 
 def check_name(name: str) -> str:
@@ -118,7 +103,7 @@ class Store:
         return f"{SCHEME}{run_id}/{kind}/{name}"
 
     def checkpoint_dir(self, uri: str, tenant: str) -> Path:
-        run_id, kind, name = parse_uri(uri)
+        run_id, kind, name = parse_checkpoint_path(uri)
         self.run_meta(run_id, tenant)
         path = self.root / "runs" / run_id / kind / name
         if not (path / "adapter_model.safetensors").exists():

@@ -20,6 +20,12 @@ Protocol facts kept here (reference/tinker-wire.md):
   last) is waited for, up to `gap_timeout_s`, after which the lowest waiting seq_id goes on
   (a client that lost a request must not freeze its model forever). A resent seq_id (or
   create/sample id) gets the original request id: never a second execution.
+- Sessions live in the same book as the ZeroMQ frontend's (`server.sessions.Sessions`):
+  create_session opens one, session_heartbeat is a sign of life (HTTP 410 once finished,
+  which stops the SDK's heartbeat loop), sessions/{id}/finish parks its runs at once.
+  create_model / load_weights attach the new run to the body's session_id; a sampler on a
+  checkpoint joins the session it was created in. Every request that names a model or a
+  sampler is a sign of life of its session and unparks it before it is queued.
 - Model ids are the SDK's ``<session_id>:train:<n>`` (it derives them itself when loading
   a state); they map onto our store's run ids, and ``tinker://<run_id>/<kind>/<name>`` maps
   one to one onto ``wb://<run_id>/<kind>/<name>``.
@@ -52,6 +58,7 @@ from workbench.errors import (
 from . import tinker_proto
 from .frontend import check_op_args
 from .scheduler import Scheduler, Work, as_error
+from .sessions import Sessions
 
 TINKER, WB = "tinker://", "wb://"
 _PROTO = "application/x-protobuf"
@@ -157,8 +164,10 @@ class TinkerGateway:
                  capabilities: Callable[[], dict] = lambda: {"supported_models": []},
                  tokenizer_id: Callable[[str], str] = lambda name: name,
                  hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096,
-                 max_rank: int = 128):
+                 max_rank: int = 128, sessions: Optional[Sessions] = None):
         self.scheduler = scheduler
+        # The ZeroMQ frontend's book (shared parking); a private one keeps books only.
+        self.sessions = sessions if sessions is not None else Sessions(120.0)
         self.keys = keys  # api key -> tenant (the ZeroMQ frontend's mapping)
         self.max_rank = max_rank  # the frontend's --max-rank check, applied to create_model
         self.capabilities = capabilities
@@ -280,6 +289,7 @@ class TinkerGateway:
                 future.set_exception(error) if error is not None else future.set_result(result)
 
         def done(result: Any, error: Optional[BaseException]) -> None:  # on the engine thread
+            self._alive(tenant, args)  # a long request's end is a sign of life, as on ZeroMQ
             try:
                 loop.call_soon_threadsafe(resolve, result, error)
             except RuntimeError:
@@ -322,10 +332,20 @@ class TinkerGateway:
         return JSONResponse(answer)
 
     def _model(self, tenant: str, model_id: Any) -> _Model:
+        """The tenant's model `model_id`; a sign of life of its session (unparked if parked)."""
         model = self._models.get(model_id) if isinstance(model_id, str) else None
         if model is None or model.tenant != tenant:
             raise NotFoundError(f"model {model_id!r} not found (create it with create_model first)", "model_id")
+        self.sessions.touch_member(tenant, model.run_id)
         return model
+
+    def _alive(self, tenant: str, args: dict) -> None:
+        """A sign of life of the session a queued op belongs to (named, or via its run or sampler)."""
+        if isinstance(args.get("session_id"), str):
+            self.sessions.touch(tenant, args["session_id"])
+        for name in ("model_id", "sampler_id"):
+            if isinstance(args.get(name), str):
+                self.sessions.touch_member(tenant, args[name])
 
     async def _in_turn(self, model_id: str, seq_id: Any, submit: Callable[[], "asyncio.Future"]) -> Any:
         """Submit in the model's seq_id order, then wait for the result."""
@@ -346,15 +366,25 @@ class TinkerGateway:
         return JSONResponse({})  # every flag's default suits this server
 
     async def _create_session(self, request: Request) -> Response:
-        self._tenant(request)
-        return JSONResponse({"type": "create_session", "session_id": "session-" + uuid.uuid4().hex[:16]})
+        tenant = self._tenant(request)
+        session_id = "session-" + uuid.uuid4().hex[:16]
+        self.sessions.touch(tenant, session_id)
+        return JSONResponse({"type": "create_session", "session_id": session_id})
 
     async def _heartbeat(self, request: Request) -> Response:
-        self._tenant(request)
+        tenant, body = self._tenant(request), await self._json(request)
+        session_id = body.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidRequestError("session_heartbeat needs session_id (a string)", "session_id")
+        if self.sessions.finished(tenant, session_id):
+            # 410 Gone: the SDK ends its heartbeat loop on it.
+            return JSONResponse({"detail": f"session {session_id!r} has finished"}, status_code=410)
+        self.sessions.touch(tenant, session_id)  # an unknown id (e.g. after a restart) starts anew
         return JSONResponse({"type": "session_heartbeat"})
 
     async def _finish_session(self, request: Request) -> Response:
-        self._tenant(request)
+        tenant = self._tenant(request)
+        self.sessions.finish(tenant, request.path_params["session_id"])  # its runs are parked now
         return JSONResponse({})
 
     async def _telemetry(self, request: Request) -> Response:
@@ -390,6 +420,7 @@ class TinkerGateway:
 
     async def _create_run(self, tenant: str, model_id: str, args: dict) -> dict:
         result = await self._submit(tenant, "create_model", args)
+        self.sessions.attach(tenant, args.get("session_id"), result["model_id"], "run")
         self._models[model_id] = _Model(tenant, result["model_id"], result["base_model"],
                                         int(result["rank"]), result.get("arch", ""))
         return result
@@ -495,7 +526,8 @@ class TinkerGateway:
                                         lambda: self._submit(tenant, "save_weights_for_sampler", args))
             reply = {"type": "save_weights_for_sampler", "path": to_tinker(saved["path"])}
             if not name:
-                reply["sampling_session_id"] = await self._new_sampler(tenant, {"model_path": saved["path"]})
+                reply["sampling_session_id"] = await self._new_sampler(
+                    tenant, {"model_path": saved["path"]}, self.sessions.session_of(tenant, model.run_id))
             return reply
 
         return self._future(tenant, work, lambda r: r, resend_key=(tenant, model_id, body.get("seq_id")),
@@ -503,8 +535,11 @@ class TinkerGateway:
 
     # ------------------------------------------------------------ sampling
 
-    async def _new_sampler(self, tenant: str, args: dict) -> str:
+    async def _new_sampler(self, tenant: str, args: dict, session_id: Optional[str]) -> str:
+        """A sampling session; one on a checkpoint (an adapter) joins `session_id`'s parking."""
         result = await self._submit(tenant, "create_sampling_session", args)
+        if args.get("model_path"):
+            self.sessions.attach(tenant, session_id, result["sampler_id"], "sampler")
         self._samplers[result["sampler_id"]] = {
             "tenant": tenant, "base_model": result["base_model"], "model_path": to_tinker(args.get("model_path"))}
         return result["sampler_id"]
@@ -520,7 +555,8 @@ class TinkerGateway:
             args = {"base_model": body["base_model"]}
         else:
             raise InvalidRequestError("create_sampling_session needs model_path or base_model", "model_path")
-        sampler_id = await self._new_sampler(tenant, args)
+        session_id = body.get("session_id")
+        sampler_id = await self._new_sampler(tenant, args, session_id if isinstance(session_id, str) else None)
         self._idempotent[key] = {"type": "create_sampling_session", "sampling_session_id": sampler_id}
         return JSONResponse(self._idempotent[key])
 
@@ -530,6 +566,7 @@ class TinkerGateway:
         sampler = self._samplers.get(sampler_id)
         if sampler is None or sampler["tenant"] != tenant:
             raise NotFoundError(f"sampling session {sampler_id!r} not found", "sampler_id")
+        self.sessions.touch_member(tenant, sampler_id)
         return JSONResponse({"sampler_id": sampler_id, "base_model": sampler["base_model"],
                              "model_path": sampler["model_path"]})
 
@@ -539,6 +576,7 @@ class TinkerGateway:
         if not isinstance(sampler_id, str):
             raise InvalidRequestError("asample needs sampling_session_id (create_sampling_session first)",
                                       "sampling_session_id")
+        self.sessions.touch_member(tenant, sampler_id)  # unparked before its sample is queued
         args = {"sampler_id": sampler_id, "prompt": np.asarray(_prompt_tokens(body.get("prompt")), dtype=np.int32),
                 "num_samples": body.get("num_samples", 1), "sampling_params": body.get("sampling_params") or {},
                 "include_prompt_logprobs": bool(body.get("prompt_logprobs"))}
@@ -581,7 +619,8 @@ class TinkerGateway:
             return JSONResponse({
                 "type": "try_again", "request_id": request_id, "queue_state": "active",
                 "queue_state_reason": f"queued: server cycle {self.scheduler.cycle}, "
-                                      f"{self.scheduler.queue_depth()} requests waiting",
+                                      f"{self.scheduler.queue_depth()} requests waiting, "
+                                      f"{self.scheduler.queue_depth_by_tenant().get(tenant, 0)} of them yours",
             }, status_code=408)
         if record.error is not None:
             return JSONResponse({"error": str(record.error), "category": record.error.category})

@@ -126,3 +126,22 @@ def test_exposed_bind_without_keys_warns_loudly(tmp_path, capsys):
         assert capsys.readouterr().err == "", argv
     warn_if_exposed("::", build_parser().parse_args(["--host", "::"]))
     assert "WARNING" in capsys.readouterr().err
+
+
+def test_one_wb_path_parser_for_the_sdk_and_the_store(tmp_path):
+    """workbench.rest_client.parse_checkpoint_path is the only wb:// parser: the SDK's bad
+    argument (a ValueError) and the server's InvalidRequestError at "path" are one error."""
+    from workbench.errors import InvalidRequestError
+    from workbench.rest_client import CheckpointPathError, parse_checkpoint_path
+
+    assert parse_checkpoint_path("wb://run-1a/sampler_weights/step.2") == ("run-1a", "sampler_weights", "step.2")
+    bad = ["tinker://run-1/weights/a", "wb://run-1/weights", "wb://run-1/optimizer/a", "wb://../weights/a",
+           "wb://run-1/weights/..", "wb://run-1/weights/a/b", "wb://run 1/weights/a", None]
+    for path in bad:
+        with pytest.raises(CheckpointPathError, match=r"expected wb://<run_id>/weights/<name>") as info:
+            parse_checkpoint_path(path)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, InvalidRequestError)
+        assert info.value.where == "path" and info.value.to_wire()["type"] == "InvalidRequestError"
+    with pytest.raises(InvalidRequestError, match="bad checkpoint path") as info:
+        Store(tmp_path).load_checkpoint("wb://../weights/x", "default")
+    assert info.value.where == "path"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
-from server.scheduler import Scheduler, Work
+from server.scheduler import Scheduler, Work, finish, run_loop
 from workbench.errors import QueueFullError, ServerError
 
 
@@ -73,3 +75,44 @@ def test_work_of_picks_the_queue_and_the_token_cost_every_frontend_uses():
     admin = of("create_model", {"base_model": "m", "rank": 8})
     assert (admin.queue, admin.tokens) == ("admin:t", 0)
     assert of("sample", {"sampler_id": "s-1", "prompt": None}).tokens == 0  # malformed: the runner rejects it
+
+
+def test_queue_depth_by_tenant_counts_what_stays_queued():
+    books = Scheduler(cycle_tokens=20)
+    for _ in range(3):
+        books.submit(work("forward", "flood", "run-a", tokens=15))
+    books.submit(work("forward", "quiet", "run-b", tokens=5))
+    assert books.queue_depth_by_tenant() == {"flood": 3, "quiet": 1}
+    books.next_plan()  # a share of 10 each: one request of each tenant
+    assert books.queue_depth_by_tenant() == {"flood": 2}
+    assert books.queue_depth() == sum(books.queue_depth_by_tenant().values())
+    books.close()
+    assert books.queue_depth_by_tenant() == {}
+
+
+def test_cycle_events_carry_the_queue_depth_per_tenant_beside_the_total():
+    books = Scheduler(cycle_tokens=20)
+    for _ in range(3):
+        books.submit(work("forward", "flood", "run-a", tokens=15))
+    books.submit(work("forward", "quiet", "run-b", tokens=5))
+    events: list[dict] = []
+    stop = threading.Event()
+
+    def execute(plan) -> dict:
+        for w in plan.works():
+            finish(w, {})
+        return {"runs": len({w.queue for w in plan.works()})}
+
+    def on_cycle(event: dict) -> None:
+        events.append(event)
+        if not books.queue_depth():
+            stop.set()
+
+    loop = threading.Thread(target=run_loop, args=(books, execute, stop, 0, on_cycle))
+    loop.start()
+    loop.join(10)
+    stop.set()
+    assert not loop.is_alive()
+    assert [e["queue_depth_by_tenant"] for e in events] == [{"flood": 2}, {"flood": 1}, {}]
+    assert [e["queue_depth"] for e in events] == [2, 1, 0]
+    assert [e["tenants"] for e in events] == [2, 1, 1]

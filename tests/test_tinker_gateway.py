@@ -299,3 +299,104 @@ def test_cookbook_style_loop_and_shared_cycles(sdk, other):
     sub.close(0)
     shared = shared_cycles()
     assert shared, f"no cycle trained both runs together: {[(e.get('runs'), e.get('requests')) for e in events]}"
+
+
+class _Events:
+    """Everything published on some topics of the server's PUB socket, from a thread."""
+
+    def __init__(self, url: str, *topics: bytes):
+        import zmq
+
+        from workbench import wire
+
+        self.seen: list[dict] = []
+        self._sub = zmq.Context.instance().socket(zmq.SUB)
+        for topic in topics:
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._sub.connect(url)
+        self._stop = threading.Event()
+
+        def listen() -> None:
+            while not self._stop.is_set():
+                if self._sub.poll(50):
+                    self.seen.append(wire.decode(self._sub.recv_multipart()[1:]))
+
+        self._thread = threading.Thread(target=listen, daemon=True)
+        self._thread.start()
+
+    def of(self, session: str) -> list[dict]:
+        return [e for e in list(self.seen) if e.get("topic") == "session" and e["session"] == session]
+
+    def wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.05)
+        return predicate()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sub.close(0)
+
+
+def test_silent_sessions_of_both_frontends_are_parked_by_one_book_and_come_back(tmp_path):
+    """--session-timeout 1.5: a Tinker-SDK session kept alive by heartbeats stays live; once
+    silent, its run and its sampler are parked (as is a closed ZeroMQ client's, by the same
+    sweep); its next requests unpark them and give the same numbers; finish parks at once
+    and later heartbeats get 410. Cycle events carry the queue depth per tenant."""
+    import httpx
+
+    port = _free_port()
+    server = start_server(tmp_path, "--models", BASE, "--tinker-port", str(port), "--session-timeout", "1.5",
+                          api_key=KEY)
+    url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": KEY}
+    sdk = tinker.ServiceClient(base_url=url, api_key=KEY)
+    ours = wb.ServiceClient(base_url=server.url, api_key=KEY)
+    events = _Events(ours.events_url, b"session", b"cycle")
+    try:
+        tc = sdk.create_lora_training_client(BASE, rank=4, seed=21).result()
+        session = tc.model_id.rsplit(":train:", 1)[0]  # the SDK's model ids are <session>:train:<n>
+        run_id = tinker.RestClient(base_url=url, api_key=KEY).get_training_run(tc.model_id).result().training_run_id
+        t_data, _ = _data(n=2, seed=6)
+        tc.forward_backward(t_data, "cross_entropy")
+        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        ts = tc.save_weights_and_get_sampling_client().result()  # ephemeral: joins the model's session
+        named = sdk.create_sampling_client(model_path=tc.save_weights_for_sampler("snap").result().path).result()
+        prompt = tt.ModelInput.from_ints([11, 12, 13, 14])
+        before, lp_before = tc.forward(t_data, "cross_entropy").result(), ts.compute_logprobs(prompt).result()
+        # The ZeroMQ side: a client with a run and a sampler that closes (stops heartbeating).
+        wc = ours.create_lora_training_client(BASE, rank=4, seed=22)
+        ws = wc.save_weights_and_get_sampling_client("ours")
+        ours.close()
+        for _ in range(6):  # heartbeats keep the SDK's session alive past the timeout
+            time.sleep(0.5)
+            assert httpx.post(f"{url}/api/v1/session_heartbeat", json={"session_id": session},
+                              headers=headers).json() == {"type": "session_heartbeat"}
+        assert events.of(session) == []
+        # ... silence parks it, with its sampler; the closed ZeroMQ client's too.
+        assert events.wait(lambda: events.of(session) and events.of(ours.session_id), timeout=6), events.seen
+        parked = events.of(session)[0]
+        assert (parked["state"], parked["reason"], parked["runs"]) == ("parked", "silent", [run_id])
+        assert len(parked["samplers"]) == 2 and all(s.startswith("sampler-") for s in parked["samplers"])
+        assert events.of(ours.session_id)[0]["runs"] == [wc.model_id]
+        assert events.of(ours.session_id)[0]["samplers"] == [ws.sampler_id]
+        # Its next requests unpark it first, and the numbers are unchanged.
+        after = tc.forward(t_data, "cross_entropy").result()
+        for a, b in zip(after.loss_fn_outputs, before.loss_fn_outputs):
+            np.testing.assert_array_equal(a["logprobs"].to_numpy(), b["logprobs"].to_numpy())
+        assert ts.compute_logprobs(prompt).result() == lp_before
+        assert named.compute_logprobs(prompt).result() == lp_before  # the same weights
+        assert [e["state"] for e in events.of(session)] == ["parked", "resumed"]
+        # finish (the SDK's close) parks at once; the session's heartbeats are then refused.
+        sdk.close("success").result()
+        assert events.wait(lambda: len(events.of(session)) == 3, timeout=1.0), events.of(session)
+        assert events.of(session)[2]["reason"] == "finished"
+        gone = httpx.post(f"{url}/api/v1/session_heartbeat", json={"session_id": session}, headers=headers)
+        assert gone.status_code == 410 and "finished" in gone.json()["detail"]
+        cycles = [e for e in list(events.seen) if e.get("topic") == "cycle"]
+        assert cycles and all(sum(e["queue_depth_by_tenant"].values()) == e["queue_depth"] for e in cycles)
+    finally:
+        events.close()
+        server.stop(timeout=30)

@@ -6,28 +6,43 @@ APIFuture at once. Paths are ``wb://<run_id>/weights/<name>`` (a training state)
 parts, ``weights/<name>`` or ``sampler_weights/<name>``, as in Tinker.
 
 Only the caller's own runs exist for it: another tenant's runs and paths are NotFound.
+
+`parse_checkpoint_path` is the one parser of ``wb://`` paths: the server's store uses it too.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from . import types
+from .errors import InvalidRequestError
 from .futures import APIFuture, map_future
 
 SCHEME = "wb://"
+KINDS = ("weights", "sampler_weights")  # a training state; weights only
+# A run id or checkpoint name: safe as one path component on the server's disk.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 AccessScope = Literal["owned", "accessible"]
 
 
-def parse_checkpoint_path(path: str) -> tuple[str, str]:
-    """wb://<run_id>/<kind>/<name> -> (run_id, "<kind>/<name>"); ValueError naming the form."""
+class CheckpointPathError(InvalidRequestError, ValueError):
+    """A malformed checkpoint path: the server answers it as an InvalidRequestError, and
+    SDK callers may catch it as the ValueError a bad argument is."""
+
+
+def parse_checkpoint_path(path: Any, where: str = "path") -> tuple[str, str, str]:
+    """wb://<run_id>/<kind>/<name> -> (run_id, kind, name); CheckpointPathError naming the
+    expected form otherwise (kind is weights or sampler_weights; run id and name are 1-128
+    letters, digits, '.', '_' or '-', starting with a letter or digit)."""
     parts = path[len(SCHEME):].split("/") if isinstance(path, str) and path.startswith(SCHEME) else []
-    if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights") or not all(parts):
-        raise ValueError(f"bad checkpoint path {path!r}; expected {SCHEME}<run_id>/weights/<name> "
-                         f"or {SCHEME}<run_id>/sampler_weights/<name>")
-    return parts[0], f"{parts[1]}/{parts[2]}"
+    if len(parts) != 3 or parts[1] not in KINDS or not all(NAME_RE.match(p) for p in (parts[0], parts[2])):
+        raise CheckpointPathError(
+            f"bad checkpoint path {path!r}; expected {SCHEME}<run_id>/weights/<name> or "
+            f"{SCHEME}<run_id>/sampler_weights/<name>", where)
+    return parts[0], parts[1], parts[2]
 
 
 class RestClient:
@@ -64,7 +79,7 @@ class RestClient:
         self, tinker_path: str, access_scope: AccessScope = "owned"
     ) -> APIFuture[types.TrainingRun]:
         """The run a checkpoint path belongs to."""
-        run_id, _ = parse_checkpoint_path(tinker_path)
+        run_id, _, _ = parse_checkpoint_path(tinker_path, "tinker_path")
         return self.get_training_run(run_id, access_scope)
 
     # ------------------------------------------------------------ checkpoints
@@ -84,7 +99,7 @@ class RestClient:
         return self.delete_checkpoint_from_tinker_path(f"{SCHEME}{training_run_id}/{checkpoint_id}")
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
-        parse_checkpoint_path(tinker_path)
+        parse_checkpoint_path(tinker_path, "tinker_path")
         return map_future(self._connection.call("delete_checkpoint", {"path": tinker_path}), lambda _: None)
 
     def download_checkpoint(self, path: str, dest_dir: "str | os.PathLike[str]") -> APIFuture[str]:

@@ -116,7 +116,8 @@ class ServiceClient:
         if not model_path and not base_model:
             raise ValueError("create_sampling_client needs model_path or base_model")
         reply = self._connection.call(
-            "create_sampling_session", {"model_path": model_path, "base_model": base_model}
+            "create_sampling_session", {"model_path": model_path, "base_model": base_model,
+                                        "session_id": self.session_id}  # parked with this client
         ).result()
         return SamplingClient(self._connection, reply["sampler_id"], reply["base_model"], model_path)
 

@@ -20,8 +20,10 @@ Envelopes::
 Events (PUB socket at hello's events_url), by topic:
 
     cycle    {cycle, start (unix s), seconds, tenants, runs, requests: {op: count}, tokens,
-              queue_depth, run_metrics: {run or sampler id: {op: metrics}}}
-    session  {session, state: "parked" | "resumed", runs}
+              queue_depth, queue_depth_by_tenant: {tenant: n},
+              run_metrics: {run or sampler id: {op: metrics}}}
+    session  {session, state: "parked" | "resumed", runs, samplers,
+              reason: "silent" | "finished" (parked only)}
 
 Ops (args -> result; arrays are numpy on both sides):
 
@@ -43,7 +45,8 @@ Ops (args -> result; arrays are numpy on both sides):
     save_state               {model_id, name}                 -> {path}
     save_weights_for_sampler {model_id, name}                 -> {path}
     load_state               {model_id, path, optimizer}      -> {path}
-    create_sampling_session  {model_path | base_model}        -> {sampler_id, base_model}
+    create_sampling_session  {model_path | base_model, session_id}
+                                                              -> {sampler_id, base_model}
     sample                   {sampler_id, prompt, num_samples, sampling_params,
                               include_prompt_logprobs, topk_prompt_logprobs}
                                                               -> SampleResponse

@@ -1,8 +1,9 @@
 """Server monitor: the server's clock cycles over time, from its event stream.
 
 Each cycle event carries cycle, start, seconds, tenants, runs, requests (by kind), tokens,
-queue_depth and queue_depth_by_tenant (shown in the header). The monitor keeps them all and draws four panels (tenants, tokens, seconds per
-cycle, queue depth) against the cycle number, throttled and downsampled like the loss curve.
+queue_depth and queue_depth_by_tenant (shown in the header). The monitor keeps them all and
+draws four panels (tenants, tokens, seconds per cycle, queue depth) against the cycle number,
+throttled and downsampled like the loss curve.
 """
 
 from __future__ import annotations
