@@ -1,7 +1,8 @@
 """Multi-tenant training: K adapters in one packed engine pass vs the same work in plain PEFT.
 
 For each K: every adapter has `--seqs` sequences of `--tokens` tokens. The engine runs one
-forward_backward over all K adapters' data plus K optim steps; the PEFT baseline switches one
+forward_backward over all K adapters' data plus the K optim steps in one call (as a
+server cycle applies them); the PEFT baseline switches one
 PeftModel between K adapters and runs one forward_backward + AdamW step per adapter, on the
 same tokens. Prints one JSON line per K with both times and the speedup.
 
@@ -39,8 +40,7 @@ def engine_step_fn(engine, model_name, data, rank):
 
     def step():
         engine.forward(items, backward=True)
-        for aid in ids:
-            engine.optim_step(aid, ADAM)
+        engine.optim_steps([(aid, ADAM) for aid in ids])  # as the server applies a cycle's steps
     return step
 
 

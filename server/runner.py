@@ -82,8 +82,7 @@ class CycleRunner:
         for work in phases.get(0, []):
             self._guarded(work, self._admin)
         tokens = self._train(phases.get(1, []))
-        for work in phases.get(3, []):
-            self._guarded(work, self._optim_step)
+        self._optim_steps(phases.get(3, []))
         tokens += self._sample(phases.get(4, []))
         for work in phases.get(5, []):
             self._guarded(work, self._checkpoint)
@@ -264,9 +263,28 @@ class CycleRunner:
                 })
         return tokens
 
-    def _optim_step(self, work: Work) -> dict:
-        self.run(work.args["model_id"], work.tenant)
-        return {"metrics": self.engine.optim_step(work.args["model_id"], work.args["adam_params"])}
+    def _optim_steps(self, works: list[Work]) -> None:
+        """Every run's optim_step of the cycle in one engine call (shared multi-tensor AdamW)."""
+        steps = []
+        for work in works:
+            try:
+                self.run(work.args["model_id"], work.tenant)
+                steps.append(work)
+            except Exception as exc:
+                finish(work, error=as_error(exc))
+        if not steps:
+            return
+        try:
+            results = self.engine.optim_steps([(w.args["model_id"], w.args["adam_params"]) for w in steps])
+        except Exception as exc:
+            for work in steps:
+                finish(work, error=as_error(exc))
+            return
+        for work, result in zip(steps, results):
+            if isinstance(result, Exception):
+                finish(work, error=as_error(result))
+            else:
+                finish(work, {"metrics": result})
 
     # --------------------------------------------------------------- sample
 

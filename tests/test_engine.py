@@ -405,6 +405,41 @@ def test_optim_step_touches_only_its_adapter(engine):
             assert any(not torch.equal(b.pairs[n].lora_B, before_w[n][1]) for n in b.pairs)
 
 
+def test_optim_steps_of_many_adapters_equal_each_alone(engine):
+    """A cycle's optim_steps share multi-tensor updates (one per set of hyperparameters);
+    each adapter ends bit-identical to the same step taken alone, and a refused pair
+    (unknown adapter, one named twice) steps nothing."""
+    rng = np.random.default_rng(9)
+    adams = [dict(ADAM, learning_rate=1e-2, weight_decay=0.5, grad_clip_norm=0.05),
+             dict(ADAM, learning_rate=1e-2, weight_decay=0.5, grad_clip_norm=0.05),  # same group
+             dict(ADAM, learning_rate=3e-3, beta2=0.99),
+             dict(ADAM, learning_rate=1e-3, grad_clip_norm=1e3)]  # a clip that does not bite
+    together, alone = [], []
+    for seed in range(len(adams)):
+        for copies in (together, alone):
+            copies.append(new_adapter(engine, rank=4 + 2 * seed, seed=90 + seed))
+    for round_ in range(3):  # later rounds step existing moments
+        seqs = [rand_seq(rng, 6 + k) for k in range(len(adams))]
+        for copies in (together, alone):
+            res = engine.forward([ForwardItem(aid, [datum(seq)]) for (aid, _), seq in zip(copies, seqs)],
+                                 backward=True)
+            assert all(isinstance(r, ForwardResult) for r in res)
+        batch = [(aid, adam) for (aid, _), adam in zip(together, adams)]
+        if round_ == 0:
+            batch = batch + [("no-such-adapter", ADAM), (together[0][0], ADAM)]
+        out = engine.optim_steps(batch)
+        solo = [engine.optim_step(aid, adam) for (aid, _), adam in zip(alone, adams)]
+        assert out[:len(adams)] == solo  # grad norms and step counts
+        for (_, a), (_, b) in zip(together, alone):
+            for name in a.pairs:
+                assert torch.equal(a.pairs[name].lora_A, b.pairs[name].lora_A)
+                assert torch.equal(a.pairs[name].lora_B, b.pairs[name].lora_B)
+        if round_ == 0:
+            assert isinstance(out[-2], EngineInputError) and "no-such-adapter" in str(out[-2])
+            assert isinstance(out[-1], EngineInputError) and "twice" in str(out[-1])
+    assert solo[0]["step:max"] == 3.0 and solo[0]["grad_norm:mean"] > 0.05  # the clip did bite
+
+
 # ------------------------------------------------------------------------ 5. PEFT export
 
 

@@ -19,7 +19,7 @@ import torch
 from . import losses as L
 from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
-from .optim import AdapterOptimizer
+from .optim import AdapterOptimizer, step_adapters
 from .attention import FLEX_BLOCK, attention_implementation, flex_document_mask, resolve_attention, sdpa_document_mask
 from .packing import build_micro_batch, plan_micro_batches
 from .sampler import SampleOutput, SampleRequest, generate
@@ -433,13 +433,34 @@ class Engine:
         return L.target_logprobs(head, hidden, targets, batch.compact_spans, self.logprob_chunk)
 
     def optim_step(self, adapter_id: str, adam: Mapping[str, float]) -> dict[str, float]:
-        adapter = self.adapter(adapter_id)
-        if not adapter.trainable or adapter.optimizer is None:
-            raise EngineInputError(f"adapter {adapter_id!r} is not trainable")
-        self._use([adapter_id])
-        return adapter.optimizer.step(adam)
+        result = self.optim_steps([(adapter_id, adam)])[0]
+        if isinstance(result, EngineInputError):
+            raise result
+        return result
 
-    # ---------------------------------------------------------------- sampling
+    def optim_steps(self, steps: Sequence[tuple[str, Mapping[str, float]]]) -> list[Any]:
+        """One AdamW step for each (adapter id, AdamParams), all in shared multi-tensor
+        updates; per pair its metrics, or the EngineInputError that refused it (an adapter
+        that is unknown, not trainable, or named twice), which steps nothing."""
+        results: list[Any] = [None] * len(steps)
+        valid: list[int] = []
+        seen: set[str] = set()
+        for i, (adapter_id, _) in enumerate(steps):
+            try:
+                adapter = self.adapter(adapter_id)
+                if not adapter.trainable or adapter.optimizer is None:
+                    raise EngineInputError(f"adapter {adapter_id!r} is not trainable")
+                if adapter_id in seen:
+                    raise EngineInputError(f"adapter {adapter_id!r} is stepped twice in one call")
+                seen.add(adapter_id)
+                valid.append(i)
+            except EngineInputError as exc:
+                results[i] = exc
+        self._use(steps[i][0] for i in valid)
+        batch = [(self.adapters[steps[i][0]].optimizer, steps[i][1]) for i in valid]
+        for i, metrics in zip(valid, step_adapters(batch)):
+            results[i] = metrics
+        return results
 
     def sample(self, base_name: str, requests: list[SampleRequest]) -> list[list[SampleOutput]]:
         """Generate for every request in one batch; each request's slot picks its adapter.

@@ -1,54 +1,116 @@
-"""Per-adapter AdamW with Tinker's AdamParams.
+"""Per-adapter AdamW with Tinker's AdamParams, stepped for many adapters at once.
 
-Each adapter owns a `torch.optim.AdamW` over its own LoRA tensors only (fp32 master weights
-and fp32 moments), so one adapter's step can never touch another adapter's weights. The
-hyperparameters arrive with every optim_step (Tinker passes AdamParams per step), so they are
-written into the param group right before stepping.
+Each adapter owns its AdamW state over its own LoRA tensors only (fp32 master weights and
+fp32 moments), so one adapter's step can never touch another adapter's weights. A
+`torch.optim.AdamW` holds that state (its state_dict is what checkpoints store), but the
+math runs in `step_adapters`: a cycle's optim_steps of every adapter go through torch's own
+multi-tensor (foreach) AdamW kernel together, one call per distinct set of hyperparameters,
+instead of one small op per tensor per adapter. The hyperparameters arrive with every
+optim_step (Tinker passes AdamParams per step).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+from torch.optim.adam import adam as adam_kernel
 
 
 class AdapterOptimizer:
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
-        # foreach=False keeps the CPU reference path simple and bit-comparable to a plain
-        # torch.optim.AdamW built the same way.
-        self.optimizer = torch.optim.AdamW(params, lr=0.0, foreach=False)
+        self.optimizer = torch.optim.AdamW(params, lr=0.0)  # the state holder
         self.steps = 0
 
     def step(self, adam: Mapping[str, float]) -> dict[str, float]:
-        group = self.optimizer.param_groups[0]
-        group["lr"] = float(adam["learning_rate"])
-        group["betas"] = (float(adam["beta1"]), float(adam["beta2"]))
-        group["eps"] = float(adam["eps"])
-        group["weight_decay"] = float(adam["weight_decay"])
-        grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if grads
-            else 0.0
-        )
-        clip = float(adam.get("grad_clip_norm", 0.0))
-        if clip > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=False)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        return {"grad_norm:mean": grad_norm if math.isfinite(grad_norm) else float("nan"),
-                "step:max": float(self.steps)}
+        return step_adapters([(self, adam)])[0]
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        # A copy: torch keeps the given tensors when dtype and device already match, so
+        # loading another adapter's live state (export + import in one process) would make
+        # both adapters step the same moments and step counter in place.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = int(state["steps"])
+
+    def _moments(self, params: list[torch.Tensor]) -> tuple[list, list, list]:
+        """(exp_avg, exp_avg_sq, step) of each param, created as torch.optim.AdamW does."""
+        state = self.optimizer.state
+        for p in params:
+            if not state[p]:
+                state[p] = {
+                    "step": torch.tensor(0.0, dtype=torch.float32),  # on the host, like torch
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        return ([state[p]["exp_avg"] for p in params], [state[p]["exp_avg_sq"] for p in params],
+                [state[p]["step"] for p in params])
+
+    def _record(self, adam: Mapping[str, float]) -> None:
+        group = self.optimizer.param_groups[0]  # kept current: checkpoints store it
+        group.update(lr=float(adam["learning_rate"]), betas=(float(adam["beta1"]), float(adam["beta2"])),
+                     eps=float(adam["eps"]), weight_decay=float(adam["weight_decay"]))
+
+
+def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]]) -> list[dict[str, float]]:
+    """One AdamW step for each (adapter optimizer, AdamParams) pair; metrics per pair.
+
+    Equals, per adapter, `clip_grad_norm_(params, grad_clip_norm)` (when > 0) followed by
+    `torch.optim.AdamW.step()` and `zero_grad(set_to_none=True)`. The adapters must be
+    distinct. Parameters without a gradient are not stepped (as in torch).
+    """
+    if len({id(opt) for opt, _ in batch}) != len(batch):
+        raise ValueError("step_adapters got the same adapter twice")
+    with_grads = [[p for p in opt.params if p.grad is not None] for opt, _ in batch]
+    all_grads = [p.grad for params in with_grads for p in params]
+    per_tensor = torch._foreach_norm(all_grads) if all_grads else []
+    norms, at = [], 0
+    for (opt, adam), params in zip(batch, with_grads):
+        grads = [p.grad for p in params]
+        if not grads:
+            norms.append(None)
+            continue
+        total = torch.linalg.vector_norm(torch.stack(per_tensor[at:at + len(grads)]))
+        at += len(grads)
+        norms.append(total)
+        clip = float(adam.get("grad_clip_norm", 0.0))
+        if clip > 0:  # torch.nn.utils.clip_grad_norm_'s coefficient, exactly
+            torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+    groups: dict[tuple, list[int]] = {}
+    for i, (opt, adam) in enumerate(batch):
+        opt._record(adam)
+        if with_grads[i]:
+            key = tuple(float(adam[k]) for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay"))
+            groups.setdefault(key, []).append(i)
+    with torch.no_grad():
+        for (lr, beta1, beta2, eps, weight_decay), members in groups.items():
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for i in members:
+                m1, m2, st = batch[i][0]._moments(with_grads[i])
+                params += with_grads[i]
+                grads += [p.grad for p in with_grads[i]]
+                exp_avgs += m1
+                exp_avg_sqs += m2
+                steps += st
+            adam_kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True,
+                        decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+                        weight_decay=weight_decay, eps=eps, maximize=False)
+    present = [n for n in norms if n is not None]
+    host = iter(torch.stack(present).tolist() if present else [])  # one device-to-host copy
+    metrics = []
+    for (opt, _), norm in zip(batch, norms):
+        opt.zero_grad()
+        opt.steps += 1
+        value = next(host) if norm is not None else 0.0
+        metrics.append({"grad_norm:mean": value if math.isfinite(value) else float("nan"),
+                        "step:max": float(opt.steps)})
+    return metrics
