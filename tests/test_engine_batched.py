@@ -80,6 +80,50 @@ def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_concatenated_path_without_gradients_equals_loop():
+    """Without gradients, few routed tokens take the concatenated-A path (every token
+    through every segment's A, other segments masked to exact zeros); large ones the
+    grouped kernel. Both equal the loop, in place into the base output or gathered."""
+    from server.engine import lora
+
+    layer = MultiLoRALinear(torch.nn.Linear(24, 40, bias=False).requires_grad_(False), "x", "attn")
+    g = torch.Generator().manual_seed(2)
+    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 20.0)]):
+        pair = init_lora_pair(24, 40, rank, alpha, g, torch.device("cpu"))
+        with torch.no_grad():
+            pair.lora_B.normal_(generator=g)
+        layer.add_adapter(slot, pair)
+    x = torch.randn(2, 15, 24, generator=g)
+    cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)],  # contiguous: added in place
+             [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (1, 29, 30)]]  # gathered, a slot twice
+    calls = []
+    original = MultiLoRALinear._concat_factors
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    MultiLoRALinear._concat_factors = counting
+    try:
+        for spans in cases:
+            with torch.no_grad():
+                layer.impl = "loop"
+                expected = layer.forward_spans(x, spans)
+                layer.impl = "grouped"
+                for limit, concat in ((10**6, True), (0, False)):
+                    before = len(calls)
+                    lora.CONCAT_MAX_WORK, saved = limit, lora.CONCAT_MAX_WORK
+                    try:
+                        got = layer.forward_spans(x, spans)
+                    finally:
+                        lora.CONCAT_MAX_WORK = saved
+                    assert (len(calls) > before) == concat
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            assert (expected != layer.base(x)).any()
+    finally:
+        MultiLoRALinear._concat_factors = original
+
+
 def test_grouped_engine_pass_equals_loop_pass(engine):
     rng = np.random.default_rng(0)
     adapters = [

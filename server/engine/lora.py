@@ -15,7 +15,7 @@ Initialisation and scaling follow PEFT's LoRA (`lora_A` Kaiming-uniform with a =
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -71,6 +71,17 @@ class RoutePlan:
     index: Optional[torch.Tensor]  # int64 [M] flattened token positions, or None
     lo: int
     hi: int
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def segment_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """[M, S*rank] ones where a routed token meets its own segment's rank components."""
+        key = (rank, dtype)
+        if key not in self._masks:
+            tokens = torch.arange(int(self.offs[-1]), device=self.offs.device)
+            segment = torch.searchsorted(self.offs.long(), tokens, right=True)  # [M]
+            column = torch.arange(len(self.slots) * rank, device=self.offs.device) // rank
+            self._masks[key] = (segment[:, None] == column[None, :]).to(dtype)
+        return self._masks[key]
 
 
 def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[RoutePlan]:
@@ -93,6 +104,11 @@ def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[Rou
         hi=spans[-1][2],
     )
 
+
+# Passes without gradients whose routed tokens x segments stay under this take the
+# concatenated-A path of the grouped implementation (see MultiLoRALinear._concat_delta);
+# from benchmarks/bench_decode.py --device cpu (torch 2.13).
+CONCAT_MAX_WORK = 4096
 
 LORA_IMPLS = ("auto", "loop", "grouped")
 # What "auto" picks on CPU, from benchmarks/bench_multitenant.py --device cpu --lora-impl
@@ -197,12 +213,37 @@ class MultiLoRALinear(nn.Module):
             x_sel = x_flat[plan.lo:plan.hi]  # [M, in]
         else:
             x_sel = x_flat.index_select(0, plan.index)
-        h = _ContiguousGrad.apply(torch._grouped_mm(x_sel, a_t, offs=plan.offs))  # [M, r_max]
-        delta = _ContiguousGrad.apply(torch._grouped_mm(h, b_t, offs=plan.offs))  # [M, out]
+        if not torch.is_grad_enabled() and x_sel.shape[0] * len(plan.slots) <= CONCAT_MAX_WORK:
+            h, b_cat = self._concat_factors(x_sel, plan, a_t, b_t)
+            if plan.index is None:  # one fused multiply-add into the base output
+                out_flat[plan.lo:plan.hi].addmm_(h, b_cat)
+                return
+            delta = h @ b_cat
+        else:
+            h = _ContiguousGrad.apply(torch._grouped_mm(x_sel, a_t, offs=plan.offs))  # [M, r_max]
+            delta = _ContiguousGrad.apply(torch._grouped_mm(h, b_t, offs=plan.offs))  # [M, out]
         if plan.index is None:
             out_flat[plan.lo:plan.hi].add_(delta)
         else:
             out_flat.index_add_(0, plan.index, delta)
+
+    def _concat_factors(self, x_sel: torch.Tensor, plan: "RoutePlan", a_t: torch.Tensor,
+                        b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grouped product for few tokens (a decode step), as (h, B) with delta = h @ B:
+        every token through every segment's A at once (one [M, in] x [in, S*r] matmul), the
+        other segments' rank components zeroed (exact zeros, so they add exactly nothing);
+        B is the segments' B stacked [S*r, out]. S times the LoRA FLOPs, but fixed-shape
+        matmuls instead of a grouped kernel's per-group work, which dominates at a handful
+        of rows. No autograd: used only when no gradient is wanted."""
+        n_seg, _, r = a_t.shape
+        cache = self.routing.stack_cache if self.routing is not None else {}
+        key = ("concat", self.name, plan.slots, x_sel.dtype)
+        if key not in cache:
+            # [in, S*r] and [S*r, out]: segment s owns columns / rows s*r:(s+1)*r.
+            cache[key] = (a_t.permute(1, 0, 2).reshape(self.in_features, n_seg * r),
+                          b_t.reshape(n_seg * r, self.out_features))
+        a_cat, b_cat = cache[key]
+        return (x_sel @ a_cat).mul_(plan.segment_mask(r, x_sel.dtype)), b_cat
 
     def _stacks(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """([S, in, r_max], [S, r_max, out]) for the given slots, differentiable to each pair.
