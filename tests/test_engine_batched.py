@@ -51,15 +51,23 @@ def grads(ad):
     return [p.grad.detach().clone() for p in ad.parameters()]
 
 
-def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
-    torch.manual_seed(0)
-    layer = MultiLoRALinear(torch.nn.Linear(24, 40, bias=False).requires_grad_(False), "x", "attn")
-    g = torch.Generator().manual_seed(1)
-    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 20.0)]):
-        pair = init_lora_pair(24, 40, rank, alpha, g, torch.device("cpu"))
+def layer_with_adapters(in_features, out_features, ranks_alphas, seed, dtype=torch.float32):
+    """A MultiLoRALinear over a random frozen base, one adapter per (rank, alpha) in slots
+    0, 1, ..., each with a random (non-zero) B so that it changes the output."""
+    base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False).to(dtype)
+    layer = MultiLoRALinear(base, "x", "attn")
+    g = torch.Generator().manual_seed(seed)
+    for slot, (rank, alpha) in enumerate(ranks_alphas):
+        pair = init_lora_pair(in_features, out_features, rank, alpha, g, torch.device("cpu"))
         with torch.no_grad():
             pair.lora_B.normal_(generator=g)
         layer.add_adapter(slot, pair)
+    return layer
+
+
+def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
+    torch.manual_seed(0)
+    layer = layer_with_adapters(24, 40, [(2, 4.0), (8, 8.0), (5, 20.0)], seed=1)
     x = torch.randn(2, 15, 24)
     # gaps (base-only tokens), an unordered span list, a slot this layer lacks, an empty span
     cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)], [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (0, 29, 29)]]
@@ -86,14 +94,8 @@ def test_concatenated_path_without_gradients_equals_loop():
     grouped kernel. Both equal the loop, in place into the base output or gathered."""
     from server.engine import lora
 
-    layer = MultiLoRALinear(torch.nn.Linear(24, 40, bias=False).requires_grad_(False), "x", "attn")
-    g = torch.Generator().manual_seed(2)
-    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 20.0)]):
-        pair = init_lora_pair(24, 40, rank, alpha, g, torch.device("cpu"))
-        with torch.no_grad():
-            pair.lora_B.normal_(generator=g)
-        layer.add_adapter(slot, pair)
-    x = torch.randn(2, 15, 24, generator=g)
+    layer = layer_with_adapters(24, 40, [(2, 4.0), (8, 8.0), (5, 20.0)], seed=2)
+    x = torch.randn(2, 15, 24, generator=torch.Generator().manual_seed(3))
     cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)],  # contiguous: added in place
              [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (1, 29, 30)]]  # gathered, a slot twice
     calls = []

@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from server.engine.engine import AdapterConfig, Engine, EngineDatum, ForwardItem, ForwardResult
-from server.engine.lora import MultiLoRALinear, init_lora_pair
 from server.engine.models import load_base_model
 from server.engine.sampler import SampleRequest
 from server.tiny import build_tiny_model
+from test_engine_batched import layer_with_adapters
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
@@ -146,14 +146,8 @@ def test_grouped_layer_equals_loop_and_fp64_reference_in_bf16():
     """One bf16 layer, adapters of ranks 2/8/5 (padded in the grouped stacks), gaps and an
     unordered span list (the gather / index_add path): both impls against fp64 math."""
     torch.manual_seed(0)
-    base = torch.nn.Linear(32, 48, bias=False).requires_grad_(False).to(torch.bfloat16)
-    layer = MultiLoRALinear(base, "x", "attn")
-    g = torch.Generator().manual_seed(1)
-    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 15.0)]):
-        pair = init_lora_pair(32, 48, rank, alpha, g, torch.device("cpu"))
-        with torch.no_grad():
-            pair.lora_B.normal_(generator=g)
-        layer.add_adapter(slot, pair)
+    layer = layer_with_adapters(32, 48, [(2, 4.0), (8, 8.0), (5, 15.0)], seed=1, dtype=torch.bfloat16)
+    base = layer.base
     x = torch.randn(2, 15, 32).to(torch.bfloat16)
     w = torch.randn(2, 15, 48, dtype=torch.float64)  # a non-uniform upstream gradient
     cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)], [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29)]]

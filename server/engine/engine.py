@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import losses as L
-from .lora import GROUP_OF_MODULE, LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
+from .lora import LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
 from .optim import AdapterOptimizer, step_adapters
 from .attention import FLEX_BLOCK, attention_implementation, flex_document_mask, resolve_attention, sdpa_document_mask
