@@ -124,6 +124,36 @@ def test_padded_rows_equal_one_row_layout(engine):
             assert float((a - b).norm() / b.norm()) <= 1e-5
 
 
+def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(engine, monkeypatch):
+    """Rows that each hold one sequence (right-padded) need no document mask: the pass
+    hands the model no mask at all (its causal kernel), with the same results."""
+    from server.engine import engine as engine_module
+
+    rng = np.random.default_rng(9)
+    adapters = [make_adapter(engine, rank=4, seed=21), make_adapter(engine, rank=8, seed=22)]
+    items = [ForwardItem(adapters[0][0], [datum(rng, 10), datum(rng, 8)]),
+             ForwardItem(adapters[1][0], [datum(rng, 9), datum(rng, 7)])]
+    masks_built = []
+    real_mask = engine_module.sdpa_document_mask
+    monkeypatch.setattr(engine_module, "sdpa_document_mask",
+                        lambda *a: masks_built.append(1) or real_mask(*a))
+    outcomes = []
+    for row_length in (None, 4096):  # rows of 10 (no two fit), then one row with a mask
+        results = _run(engine, items, True, row_length=row_length)
+        outcomes.append((results, [[p.grad.clone() for p in ad.parameters()] for _, ad in adapters]))
+        for _, ad in adapters:
+            ad.optimizer.zero_grad()
+        assert len(masks_built) == (0 if row_length is None else 1)
+    (rows_res, rows_grads), (one_res, one_grads) = outcomes
+    for a, b in zip(rows_res, one_res):
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
+    for ga, gb in zip(rows_grads, one_grads):
+        for a, b in zip(ga, gb):
+            assert b.norm() > 0
+            assert float((a - b).norm() / b.norm()) <= 1e-5
+
+
 def test_flex_attention_equals_sdpa_mask(engine):
     pytest.importorskip("torch.nn.attention.flex_attention")
     rng = np.random.default_rng(8)

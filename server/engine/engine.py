@@ -415,11 +415,17 @@ class Engine:
     def _target_logprobs(self, base: BaseModel, batch, targets: torch.Tensor) -> torch.Tensor:
         """Target logprobs [T] of the batch's real tokens, in compact (sequence) order."""
         decoder = base.model.get_decoder()
-        if self.attention == "flex":
+        mode = self.attention
+        if len(batch.sequences) == batch.input_ids.shape[0]:
+            # One sequence per row, from column 0 (padding after it): plain causal attention
+            # is exactly the document mask for every real token, and the model's own causal
+            # kernel is the fastest there is (no mask to build or read, upper half skipped).
+            mask, mode = None, "sdpa_mask"
+        elif mode == "flex":
             mask = flex_document_mask(batch.doc_ids)
         else:
             mask = sdpa_document_mask(batch.doc_ids, base.dtype)
-        with LoRARouting(base.lora_layers, batch.spans), attention_implementation(base.model, self.attention):
+        with LoRARouting(base.lora_layers, batch.spans), attention_implementation(base.model, mode):
             hidden = decoder(
                 input_ids=batch.input_ids,
                 attention_mask=mask,
