@@ -265,3 +265,35 @@ def test_sample_rejects_bad_requests_before_compute(engine, req, where):
     assert info.value.where == where
     # the limit is inclusive: prompt + max_tokens == context is fine
     assert len(engine.sample(QWEN, [SampleRequest(None, [1] * 2046, 1, 2, temperature=0.0)])[0][0].tokens) == 2
+
+
+def test_choose_draws_from_each_rows_own_filtered_distribution():
+    """One batched draw for rows of different requests (temperature, top_k, top_p, greedy):
+    each request's samples land only in its allowed set, with its renormalised frequencies."""
+    from server.engine.sampler import _choose
+
+    vocab, n = 12, 6000
+    logits_row = torch.linspace(2.0, -2.0, vocab)  # token 0 most likely
+    probs = torch.softmax(logits_row, -1)
+    specs = [dict(temperature=1.0), dict(temperature=0.5, top_k=3), dict(temperature=1.0, top_p=0.5),
+             dict(temperature=0.0)]
+    requests = [SampleRequest(None, [1], n, 1, seed=10 + i, **spec) for i, spec in enumerate(specs)]
+    rows = [(r, s) for r in range(len(requests)) for s in range(n)]
+    generators = {r: torch.Generator().manual_seed(req.seed) for r, req in enumerate(requests)}
+    tokens = _choose(logits_row.expand(len(rows), vocab).clone(), rows, requests, generators)
+    counts = [torch.bincount(tokens[r * n:(r + 1) * n], minlength=vocab).double() / n for r in range(len(specs))]
+
+    def expect(p):
+        return p / p.sum()
+
+    tempered = torch.softmax(logits_row / 0.5, -1)
+    nucleus = (torch.cumsum(probs, -1) - probs) < 0.5  # the tokens before which < half the mass lies
+    expected = [probs.double(), expect(torch.where(torch.arange(vocab) < 3, tempered, 0)).double(),
+                expect(torch.where(nucleus, probs, 0)).double(), torch.eye(vocab)[0].double()]
+    for got, want in zip(counts, expected):
+        assert (got[want == 0] == 0).all(), (got, want)  # never outside the allowed set
+        assert float((got - want).abs().max()) < 0.03, (got, want)  # ~4 sigma at n = 6000
+    # the same seeds give the same draws
+    again = _choose(logits_row.expand(len(rows), vocab).clone(), rows, requests,
+                    {r: torch.Generator().manual_seed(req.seed) for r, req in enumerate(requests)})
+    assert torch.equal(tokens, again)

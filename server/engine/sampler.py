@@ -41,22 +41,6 @@ class SampleOutput:
     stop_reason: str  # "stop" | "length"
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits [rows, V] outside top-k and the top-p nucleus with -inf."""
-    if top_k is not None and top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # keep a token if the mass strictly before it is < top_p (the first token always stays)
-        before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 @torch.no_grad()
 def generate(
     base: BaseModel, requests: list[SampleRequest], pad_id: int = 0, compact: bool = True
@@ -88,7 +72,7 @@ def generate(
 
     generators = {}
     for r_i, req in enumerate(requests):
-        g = torch.Generator(device=device)
+        g = torch.Generator()  # on the host: the same draws on every device
         g.manual_seed(int(req.seed))
         generators[r_i] = g
 
@@ -156,32 +140,54 @@ def _choose(
 ) -> torch.Tensor:
     """Next token of every row in the batch; rows are (request, sample) pairs.
 
-    Sampling is by inverse CDF with one uniform per sample of the request, drawn for all of
-    its samples every step, so a row's draw does not depend on which rows are still running.
+    All rows at once, whatever their requests' temperature, top_k and top_p: a handful of
+    batched ops per decode step, not a handful per request (which on a GPU would be dozens
+    of tiny kernel launches per step). Sampling is by inverse CDF with one uniform per
+    sample of the request, drawn for all of its samples every step from the request's own
+    (host) generator, so a row's draw depends neither on which rows are still running nor on
+    the device.
     """
     device = logits.device
-    blocks: dict[int, tuple[list[int], list[int]]] = {}  # request -> (batch rows, sample ids)
-    for b, (r, s) in enumerate(batch_rows):
-        pos, samples = blocks.setdefault(r, ([], []))
-        pos.append(b)
-        samples.append(s)
-    next_tokens = torch.empty(len(batch_rows), dtype=torch.long, device=device)
-    for r, (pos, samples) in blocks.items():
-        req = requests[r]
-        pos_t = torch.tensor(pos, device=device)
-        block = logits[pos_t]  # [n, V]
-        if req.temperature <= 0:
-            choice = block.argmax(-1)
-        else:
-            filtered = _filter_logits(block / req.temperature, req.top_k, req.top_p)
-            cdf = torch.softmax(filtered, dim=-1).cumsum(-1)  # [n, V]
-            u = torch.rand(req.num_samples, generator=generators[r], device=device)
-            u = u[torch.tensor(samples, device=device)]
-            # right=True picks the first token whose cdf exceeds u: never a zero-mass token.
-            target = (u * cdf[:, -1])[:, None]
-            choice = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=block.shape[-1] - 1)
-        next_tokens[pos_t] = choice
-    return next_tokens
+    params = [requests[r] for r, _ in batch_rows]
+    greedy = [req.temperature <= 0 for req in params]
+    choice = logits.argmax(-1)
+    if all(greedy):
+        return choice
+    draws: dict[int, list[float]] = {}
+    for r, _ in batch_rows:
+        if r not in draws and requests[r].temperature > 0:
+            draws[r] = torch.rand(requests[r].num_samples, generator=generators[r]).tolist()
+    u = torch.tensor([draws[r][s] if r in draws else 0.0 for r, s in batch_rows],
+                     dtype=logits.dtype).to(device)
+    temperature = torch.tensor([req.temperature if req.temperature > 0 else 1.0 for req in params],
+                               dtype=logits.dtype).to(device)
+    scaled = logits / temperature[:, None]
+    vocab = logits.shape[-1]
+    top_k = [req.top_k if req.top_k is not None and 0 < req.top_k < vocab else vocab for req in params]
+    top_p = [req.top_p for req in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        scaled = _filter(scaled, top_k, top_p)
+    cdf = torch.softmax(scaled, dim=-1).cumsum(-1)  # [rows, V]
+    # right=True picks the first token whose cdf exceeds u: never a zero-mass token.
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+    return torch.where(torch.tensor(greedy, device=device), choice, sampled)
+
+
+def _filter(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask each row's logits outside its top-k, then outside its top-p nucleus, with -inf."""
+    device = scaled.device
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    kth = ordered.gather(-1, torch.tensor(top_k, device=device)[:, None] - 1)  # [rows, 1]
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = torch.softmax(ordered, dim=-1)
+        # keep a token if the mass strictly before it is < top_p (the first token always stays)
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= torch.tensor(top_p, dtype=scaled.dtype, device=device)[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
 
 
 def _ends_with_stop(tokenizer, tokens: list[int], stop_strings: list[str]) -> bool:
