@@ -1,7 +1,9 @@
 """Tinker's loss functions, as sums over tokens (no mean), and chunked target logprobs.
 
-Every loss takes one datum's target logprobs `lp` [N] (with grad) and its loss_fn_inputs
-(tensors of length N) and returns a scalar. Prompt positions are masked by weight 0 or
+Every loss takes target logprobs `lp` [N] (with grad) and the matching loss_fn_inputs
+(tensors of length N) and returns a scalar: a sum of per-token terms, so the tokens of
+several datums, concatenated, give the sum of their losses (the engine calls each loss once
+per request and micro-batch). Prompt positions are masked by weight 0 or
 advantage 0. Formulas (reference/tinker-api.md):
 
     cross_entropy        sum(-lp * w)                                  any real w, negative too
