@@ -1,7 +1,8 @@
 """`workbench-server` (also `python -m server`): the multi-LoRA training server.
 
 Prints exactly one line ``workbench-server ready url=<url>`` on stdout once it accepts
-requests; everything else goes to stderr.
+requests (with ``curve_public_key=<z85>`` appended when --curve-secret-file turns CURVE
+encryption on); everything else goes to stderr.
 
 Stopping: on SIGTERM (or SIGINT) the server finishes the cycle under way, answers every
 request still queued with a "server is shutting down" error, then saves every live training
@@ -68,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest LoRA rank a run may ask for (default 128)")
     parser.add_argument("--tinker-port", type=int, default=None, metavar="PORT",
                         help="also serve Tinker's HTTP protocol (the official tinker SDK, with a "
-                        "tml-... key) on this port of --host; 0 picks a free one (default: off)")
+                        "tml-... key) on this port of --host; 0 picks a free one (default: off). "
+                        "This is plain HTTP, not covered by --curve-secret-file: on a "
+                        "non-loopback --host, keys and data cross the network unencrypted "
+                        "(put a TLS proxy in front, or an SSH tunnel)")
+    parser.add_argument("--curve-secret-file", default=None, metavar="PATH",
+                        help="encrypt the request and event sockets with ZeroMQ CURVE: PATH holds "
+                        "the server's z85 secret key (created, mode 0600, with a fresh keypair if "
+                        "missing). The public key is written to PATH.pub and printed in the "
+                        "ready line as curve_public_key=...; clients pass it as "
+                        "ServiceClient(server_public_key=...) or WORKBENCH_SERVER_KEY, and a "
+                        "client without it gets no answer. Recommended whenever --host is not "
+                        "loopback")
     parser.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
                         help=argparse.SUPPRESS)  # used by the embedded local server
     return parser
@@ -112,15 +124,70 @@ def _watch_parent(pid: int, stop) -> None:
 
 
 def warn_if_exposed(host: str, args: argparse.Namespace) -> None:
-    """Loud warning when a non-loopback address is bound without an explicit key."""
-    if host in LOOPBACK_HOSTS or host.startswith("127.") or args.api_key or args.api_keys:
+    """Loud warning when a non-loopback address is bound without an explicit key, or without
+    CURVE encryption (API keys and data would cross the network in clear text)."""
+    if host in LOOPBACK_HOSTS or host.startswith("127."):
+        return
+    problems = []
+    if not (args.api_key or args.api_keys):
+        problems.append("no --api-key / --api-keys was given (the key comes from the "
+                        "environment).\nAnyone who learns the key can train and sample on this "
+                        "machine. Pass an explicit\n--api-key or --api-keys FILE, or bind --host "
+                        "127.0.0.1.")
+    if not args.curve_secret_file:
+        problems.append("traffic is NOT encrypted: API keys, data and weights cross the network "
+                        "in clear text.\nTurn on CURVE encryption with --curve-secret-file PATH "
+                        "(clients then pass\nserver_public_key= or set WORKBENCH_SERVER_KEY to the "
+                        "printed curve_public_key).")
+    if args.tinker_port is not None:
+        problems.append("the --tinker-port gateway is plain HTTP, never encrypted: keep it on "
+                        "loopback\nor behind a TLS proxy.")
+    if not problems:
         return
     bar = "!" * 78
+    body = "\n".join(f"- {p}" for p in problems)
     print(f"{bar}\nWARNING: workbench-server is listening on {host}, reachable from other "
-          f"machines,\nand no --api-key / --api-keys was given (the key comes from the "
-          f"environment).\nAnyone who learns the key can train and sample on this machine. "
-          f"Pass an explicit\n--api-key or --api-keys FILE, or bind --host 127.0.0.1.\n{bar}",
-          file=sys.stderr, flush=True)
+          f"machines, and\n{body}\n{bar}", file=sys.stderr, flush=True)
+
+
+def load_curve_secret(path_arg: str, log) -> bytes:
+    """The server's z85 CURVE secret key from PATH, creating PATH (mode 0600, a fresh
+    keypair) if it does not exist; (re)writes the public key to PATH.pub for clients."""
+    import zmq
+
+    from workbench.connection import check_curve_key
+
+    path = Path(os.path.expanduser(path_arg))
+    if not path.exists():
+        public, secret = zmq.curve_keypair()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: never overwrite a secret another server wrote in the meantime.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret.decode() + "\n")
+        except OSError as exc:
+            raise SystemExit(f"--curve-secret-file {path}: cannot create it: {exc}")
+        log(f"created CURVE secret key {path} (mode 0600)")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"--curve-secret-file {path}: cannot read it: {exc}")
+    try:
+        secret = check_curve_key(text, f"--curve-secret-file {path}", hint=(
+            "the file must hold the server's 40-character z85 secret key; delete it to have a "
+            "fresh keypair made (clients then need the new public key)"))
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+    if path.stat().st_mode & 0o077:
+        log(f"warning: {path} is readable by other users (chmod 600 it): whoever reads it can "
+            "impersonate this server")
+    public = zmq.curve_public(secret)
+    try:
+        Path(f"{path}.pub").write_text(public.decode() + "\n")
+    except OSError as exc:
+        raise SystemExit(f"--curve-secret-file {path}: cannot write the public key to {path}.pub: {exc}")
+    return secret
 
 
 def autosave(runner, log) -> list[str]:
@@ -252,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.errors import ServerError
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # Before the engine starts, so a bad key file fails in a second, not after model loading.
+    curve_secret = load_curve_secret(args.curve_secret_file, log) if args.curve_secret_file else None
     try:
         engine = Engine(device=args.device, token_budget=args.token_budget)
     except ValueError as exc:
@@ -278,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     warn_if_exposed(args.host, args)
     try:
-        url = frontend.bind(args.host, args.port)
+        url = frontend.bind(args.host, args.port, curve_secret_key=curve_secret)
     except Exception as exc:
         raise SystemExit(f"cannot bind tcp://{args.host}:{args.port}: {exc}")
 
@@ -323,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
 
     log(f"store {store.root}, device {engine.device}, events {frontend.events_url}")
-    print(f"workbench-server ready url={url}", flush=True)
+    ready = f"workbench-server ready url={url}"  # clients parse this start: keep it first
+    if curve_secret is not None:
+        import zmq
+
+        ready += f" curve_public_key={zmq.curve_public(curve_secret).decode()}"
+    print(ready, flush=True)
     frontend.serve()  # returns after shut_down() stops it
     log("stopped")
     return 0

@@ -15,6 +15,11 @@ names the session or one of its runs or samplers counts as a sign of life, and u
 parked session before the request is queued. The serve loop sweeps for silent sessions; the
 tracker's events go out on topic b"session".
 
+CURVE: `bind(..., curve_secret_key=...)` makes the ROUTER and the PUB socket CURVE servers.
+Any client that knows the server's public key may connect (no ZAP handler: tenants are still
+told apart by API keys, which now travel encrypted); a client without it gets no handshake,
+so it never reaches `_on_message`.
+
 Message size: a request whose frames total more than `max_message_bytes` gets a
 ProtocolError reply without being decoded; a single frame over twice that limit makes ZeroMQ
 drop the sender's connection (ZMQ_MAXMSGSIZE), so such a message is never buffered whole.
@@ -76,13 +81,21 @@ class Frontend:
 
     # --------------------------------------------------------------- sockets
 
-    def bind(self, host: str, port: int) -> str:
+    def bind(self, host: str, port: int, curve_secret_key: Optional[bytes] = None) -> str:
+        """Bind the request and event sockets; with a z85 `curve_secret_key` both are CURVE
+        servers (the options must be set before bind to apply to its connections)."""
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_message_bytes)  # per frame
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        if curve_secret_key is not None:
+            public_key = zmq.curve_public(curve_secret_key)
+            for sock in (self.router, self.pub):
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public_key)
         if port == 0:
             port = self.router.bind_to_random_port(f"tcp://{host}")
         else:

@@ -119,8 +119,10 @@ def test_exposed_bind_without_keys_warns_loudly(tmp_path, capsys):
     # The same check, in-process, for the binds that must stay quiet.
     from server.__main__ import build_parser, warn_if_exposed
 
+    # An exposed bind is quiet only with an explicit key AND CURVE (test_curve.py checks the rest).
     for argv in (["--host", "127.0.0.1"], ["--host", "localhost"],
-                 ["--host", "0.0.0.0", "--api-key", "explicit"], ["--host", "::", "--api-keys", "f.json"]):
+                 ["--host", "0.0.0.0", "--api-key", "explicit", "--curve-secret-file", "k"],
+                 ["--host", "::", "--api-keys", "f.json", "--curve-secret-file", "k"]):
         args = build_parser().parse_args(argv)
         warn_if_exposed(args.host, args)
         assert capsys.readouterr().err == "", argv

@@ -4,6 +4,11 @@ Callers on any thread (scripts, asyncio code, a Jupyter kernel) put requests on 
 get an APIFuture back at once; the I/O thread sends them in submission order and resolves
 futures as replies arrive. Submission order per connection is preserved end to end: one
 queue, one socket, and the server queues each run's requests in arrival order.
+
+CURVE: given the server's public key (a server started with --curve-secret-file), the DEALER
+and any event subscriber encrypt and authenticate the server with an ephemeral client keypair
+(`curve_client`). ZeroMQ drops a failed CURVE handshake silently, so a missing or wrong key
+shows as an unreachable server; that error says so.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import uuid
 from typing import Any, Optional
 
 import zmq
+from zmq.utils import z85
 
 from . import wire
 from .errors import ConnectionFailedError, InvalidRequestError, ProtocolError, error_from_wire
@@ -27,19 +33,96 @@ HEARTBEAT_S = 5.0  # how often the I/O thread tells the server each session is a
 _ids = itertools.count()
 
 
-def how_to_start_a_server(url: str) -> str:
+SERVER_KEY_ENV = "WORKBENCH_SERVER_KEY"
+_Z85_CHARS = frozenset(z85.Z85CHARS.decode())
+# events URL -> server public key, filled by connections that said hello through CURVE, so
+# an event subscriber given only a ServiceClient's events_url finds the key to use.
+_event_keys: dict[str, bytes] = {}
+_PUBLIC_KEY_HINT = ("expected the 40-character public key the server printed as curve_public_key= "
+                    "(also in its --curve-secret-file PATH.pub)")
+
+
+def check_curve_key(value: "str | bytes", name: str = "server_public_key",
+                    hint: str = _PUBLIC_KEY_HINT) -> bytes:
+    """A CURVE key as ZeroMQ wants it: 40 z85 characters (32 bytes). Surrounding whitespace
+    (a key pasted from a file) is dropped; anything else wrong raises a ValueError naming
+    `name`, followed by `hint` (what the value should have been)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not a z85 CURVE key (non-ASCII bytes)") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a 40-character z85 string, got {type(value).__name__}")
+    key = value.strip()
+    bad = sorted(set(key) - _Z85_CHARS)
+    if len(key) != 40 or bad:
+        why = f"{len(key)} characters" if len(key) != 40 else f"characters not in z85: {''.join(bad)!r}"
+        raise ValueError(f"{name}: not a z85 CURVE key ({why}); {hint}")
+    try:
+        z85.decode(key)  # 5 characters over 2**32 are z85-shaped but invalid
+    except Exception:
+        raise ValueError(f"{name}: not a valid z85 CURVE key (a 5-character group overflows); {hint}") from None
+    return key.encode("ascii")
+
+
+def resolve_server_key(server_public_key: "str | bytes | None") -> Optional[bytes]:
+    """The argument if given, else $WORKBENCH_SERVER_KEY, checked; None means no CURVE."""
+    if server_public_key is not None:
+        return check_curve_key(server_public_key, "server_public_key")
+    from_env = os.environ.get(SERVER_KEY_ENV)
+    return check_curve_key(from_env, SERVER_KEY_ENV) if from_env else None
+
+
+def curve_client(socket: "zmq.Socket", server_key: Optional[bytes]) -> None:
+    """Make `socket` a CURVE client of the server with this public key (before connect).
+    The client keypair is ephemeral: tenants are told apart by API keys, not client keys."""
+    if server_key is None:
+        return
+    public, secret = zmq.curve_keypair()
+    socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    socket.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+
+
+def server_key_for_events(events_url: str) -> Optional[bytes]:
+    """The CURVE key a connection in this process used for the server of this events URL."""
+    return _event_keys.get(events_url)
+
+
+def how_to_start_a_server(url: str, server_key: Optional[bytes] = None) -> str:
+    if server_key is not None:
+        curve = (
+            " This client used CURVE with server_public_key "
+            f"{server_key.decode()}: if the server runs, that key may be wrong (compare it "
+            "with the curve_public_key in the server's ready line or its --curve-secret-file "
+            "PATH.pub), or the server may not use CURVE (then pass no key and unset "
+            f"{SERVER_KEY_ENV})"
+        )
+    else:
+        curve = (
+            " If the server runs with --curve-secret-file, it requires CURVE encryption and "
+            "drops clients without its key silently: pass server_public_key=<the "
+            "curve_public_key from its ready line, or its PATH.pub file> or set "
+            f"{SERVER_KEY_ENV}"
+        )
     return (
         f"could not reach a workbench server at {url}. Start one with "
         "`workbench-server --api-key KEY` (then pass base_url= and api_key=, or set "
         "WORKBENCH_URL and WORKBENCH_API_KEY), or create ServiceClient() with no URL to run "
-        "an embedded local server"
+        "an embedded local server." + curve
     )
 
 
 class Connection:
-    def __init__(self, url: str, api_key: str, connect_timeout: float = 60.0):
+    def __init__(self, url: str, api_key: str, connect_timeout: float = 60.0,
+                 server_public_key: "str | bytes | None" = None):
         self.url = url
         self.api_key = api_key
+        # z85 bytes, or None for a plain (unencrypted) connection. Not read from the
+        # environment here: ServiceClient does that (resolve_server_key).
+        self.server_public_key = (None if server_public_key is None
+                                  else check_curve_key(server_public_key, "server_public_key"))
         self._ctx = zmq.Context()
         self._queue: "queue.Queue[Optional[tuple[str, list, APIFuture]]]" = queue.Queue()
         self._pending: dict[str, APIFuture] = {}
@@ -65,7 +148,7 @@ class Connection:
             self.hello = self.call("hello", {"client": CLIENT_VERSION}).result(connect_timeout)
         except TimeoutError:
             self.close()
-            raise ConnectionFailedError(how_to_start_a_server(url)) from None
+            raise ConnectionFailedError(how_to_start_a_server(url, self.server_public_key)) from None
         except Exception:
             self.close()
             raise
@@ -75,6 +158,8 @@ class Connection:
                 f"server at {url} speaks protocol {self.hello.get('protocol')}, this client "
                 f"speaks {wire.PROTOCOL_VERSION}; install matching tinker-workbench versions"
             )
+        if self.server_public_key is not None and self.hello.get("events_url"):
+            _event_keys[self.hello["events_url"]] = self.server_public_key
 
     # ---------------------------------------------------------------- calls
 
@@ -137,6 +222,7 @@ class Connection:
     def _loop(self) -> None:
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        curve_client(dealer, self.server_public_key)
         dealer.connect(self.url)
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)

@@ -4,6 +4,10 @@ A `workbench-server` subprocess on loopback with a random free port and a random
 device auto. It lives in its own process group and is stopped when this process exits:
 by atexit on a normal exit or Ctrl-C, and by the server itself (it watches our pid) if we
 die without running atexit (a crash, SIGKILL).
+
+The server's ready line is ``workbench-server ready url=<url>`` followed by optional
+``name=value`` fields (``curve_public_key=<z85>`` when it runs with --curve-secret-file);
+`parse_ready_line` reads it for any launcher of the server.
 """
 
 from __future__ import annotations
@@ -15,10 +19,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Optional, Sequence
 
 READY_PREFIX = "workbench-server ready url="
+
+
+def parse_ready_line(line: str) -> Optional[tuple[str, dict[str, str]]]:
+    """(url, extra fields) from a ready line; None for any other line. Fields are
+    space-separated name=value pairs; a value may itself contain '=' (z85 keys do)."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    url, *rest = line[len(READY_PREFIX):].split()
+    return url, dict(field.split("=", 1) for field in rest if "=" in field)
 
 
 class LocalServer:
@@ -43,16 +55,19 @@ class LocalServer:
             start_new_session=True,  # its own process group: Ctrl-C in a notebook spares it
         )
         atexit.register(self.stop)
-        self.url = self._wait_ready(startup_timeout)
+        self.url, fields = self._wait_ready(startup_timeout)
+        # z85 public key when extra_args turned CURVE on (--curve-secret-file), else None.
+        self.server_public_key: Optional[str] = fields.get("curve_public_key")
 
-    def _wait_ready(self, timeout: float) -> str:
-        found: list[str] = []
+    def _wait_ready(self, timeout: float) -> tuple[str, dict[str, str]]:
+        found: list[tuple[str, dict[str, str]]] = []
 
         def read() -> None:
             assert self.process.stdout is not None
             for line in self.process.stdout:
-                if line.startswith(READY_PREFIX):
-                    found.append(line[len(READY_PREFIX):].strip())
+                ready = parse_ready_line(line)
+                if ready is not None:
+                    found.append(ready)
                     break
 
         reader = threading.Thread(target=read, daemon=True)

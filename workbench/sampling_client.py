@@ -13,8 +13,8 @@ from .futures import APIFuture, map_future
 class SamplingClient:
     """Samples from a sampler session on the server (a weight snapshot or the base model).
 
-    Pickles to (URL, key, sampler id) only, so rollouts can run in worker processes; the
-    copy opens its own connection there.
+    Pickles to (URL, key, sampler id, CURVE server key) only, so rollouts can run in worker
+    processes; the copy opens its own connection there, encrypted when the original was.
     """
 
     def __init__(self, connection, sampler_id: str, base_model: str, model_path: Optional[str] = None):
@@ -90,7 +90,8 @@ class SamplingClient:
 
     def __reduce__(self):
         return (_restore, (self._connection.url, self._connection.api_key, self.sampler_id,
-                           self.base_model, self.model_path))
+                           self.base_model, self.model_path,
+                           self._connection.server_public_key))
 
     def __repr__(self) -> str:
         return f"SamplingClient({self.model_path or self.base_model!r}, sampler_id={self.sampler_id!r})"
@@ -116,7 +117,10 @@ def _ints(prompt: Any) -> Sequence[int]:
     raise TypeError(f"prompt must be a types.ModelInput, got {type(prompt).__name__}")
 
 
-def _restore(url: str, api_key: str, sampler_id: str, base_model: str, model_path: Optional[str]):
+def _restore(url: str, api_key: str, sampler_id: str, base_model: str, model_path: Optional[str],
+             server_public_key: Optional[bytes] = None):
+    # server_public_key defaults to None so pickles made before CURVE existed still load.
     from .service_client import connection_for
 
-    return SamplingClient(connection_for(url, api_key), sampler_id, base_model, model_path)
+    return SamplingClient(connection_for(url, api_key, server_public_key=server_public_key),
+                          sampler_id, base_model, model_path)

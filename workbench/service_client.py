@@ -9,45 +9,56 @@ import weakref
 from typing import Any, Optional
 
 from . import types
-from .connection import Connection
+from .connection import Connection, check_curve_key, resolve_server_key
 from .rest_client import RestClient
 from .sampling_client import SamplingClient
 from .training_client import TrainingClient
 
-_connections: dict[tuple[str, str, int], Connection] = {}
+_connections: dict[tuple[str, str, Optional[bytes], int], Connection] = {}
 _connections_lock = threading.Lock()
 
 
-def connection_for(url: str, api_key: str, connect_timeout: float = 60.0) -> Connection:
-    """One shared connection per (url, key) per process (re-made after a fork)."""
-    key = (url, api_key, os.getpid())
+def connection_for(url: str, api_key: str, connect_timeout: float = 60.0,
+                   server_public_key: Optional[bytes] = None) -> Connection:
+    """One shared connection per (url, key, CURVE server key) per process (re-made after a
+    fork). The server key is part of the identity, so a client with a wrong key never
+    borrows a working connection, nor the reverse."""
+    key = (url, api_key, server_public_key, os.getpid())
     with _connections_lock:
         conn = _connections.get(key)
         if conn is None or conn._closed:
-            conn = Connection(url, api_key, connect_timeout)
+            conn = Connection(url, api_key, connect_timeout, server_public_key)
             _connections[key] = conn
         return conn
 
 
 class ServiceClient:
-    """`ServiceClient(base_url=None, api_key=None)`.
+    """`ServiceClient(base_url=None, api_key=None, server_public_key=None)`.
 
     The URL comes from `base_url` or WORKBENCH_URL; the key from `api_key` or
     WORKBENCH_API_KEY. With no URL at all, an embedded local server is started (loopback,
     random port and key, CUDA when present, built-in tiny models) and stopped at exit.
     `connect_timeout`: seconds to wait for the server's first answer before saying it is
     unreachable (and how to start one).
+    `server_public_key` (or WORKBENCH_SERVER_KEY): the z85 public key of a server started
+    with --curve-secret-file (its ready line's curve_public_key, or the PATH.pub file). With
+    it, requests, replies and the event stream are CURVE-encrypted and the server is
+    authenticated; without it such a server does not answer at all.
     """
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
-                 connect_timeout: float = 60.0, **_: Any):
+                 connect_timeout: float = 60.0, server_public_key: "str | bytes | None" = None,
+                 **_: Any):
         url = base_url or os.environ.get("WORKBENCH_URL")
         self.local_server = None
+        server_key = resolve_server_key(server_public_key)  # a bad key fails before any start
         if not url:
             from .local import shared_local_server
 
             self.local_server = shared_local_server()
             url, api_key = self.local_server.url, self.local_server.api_key
+            embedded_key = self.local_server.server_public_key  # set if started with CURVE
+            server_key = check_curve_key(embedded_key) if embedded_key else None
         key = api_key or os.environ.get("WORKBENCH_API_KEY")
         if not key:
             raise ValueError(
@@ -55,7 +66,7 @@ class ServiceClient:
                 "server was started with"
             )
         self.base_url = url
-        self._connection = connection_for(url, key, connect_timeout)
+        self._connection = connection_for(url, key, connect_timeout, server_key)
         # One session per ServiceClient: the I/O thread heartbeats it while this object lives,
         # so the server can tell live sessions from abandoned ones.
         self.session_id = uuid.uuid4().hex
@@ -64,8 +75,15 @@ class ServiceClient:
 
     @property
     def events_url(self) -> Optional[str]:
-        """The server's event stream (a ZeroMQ PUB socket; topic ``cycle``), from its hello."""
+        """The server's event stream (a ZeroMQ PUB socket; topic ``cycle``), from its hello.
+        On a CURVE server a subscriber needs `server_public_key` too (`curve_client`)."""
         return (self._connection.hello or {}).get("events_url")
+
+    @property
+    def server_public_key(self) -> Optional[str]:
+        """The server's z85 CURVE public key this client encrypts to; None: no CURVE."""
+        key = self._connection.server_public_key
+        return key.decode() if key is not None else None
 
     def close(self) -> None:
         """End this client's session: heartbeats stop, so the server may park its runs.

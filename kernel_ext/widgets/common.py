@@ -149,15 +149,23 @@ class EventStream:
 
     One per events URL per process (`EventStream.for_url`); subscribers get every decoded
     event dict (`fn(event)`) on the stream's thread. `latest` holds the last event seen.
+    On a CURVE server (--curve-secret-file) the SUB socket encrypts with `server_public_key`;
+    left None, it uses the key of this process's ServiceClient connected to that server, if
+    any (so `EventStream.for_url(service.events_url)` works either way).
     """
 
     _streams: dict[str, "EventStream"] = {}
     _streams_lock = threading.Lock()
 
-    def __init__(self, url: str, topics: Sequence[str] = ("cycle",)):
+    def __init__(self, url: str, topics: Sequence[str] = ("cycle",),
+                 server_public_key: "str | bytes | None" = None):
         import zmq
 
+        from workbench.connection import check_curve_key, server_key_for_events
+
         self.url = url
+        self._server_key = (check_curve_key(server_public_key) if server_public_key is not None
+                            else server_key_for_events(url))
         self.latest: Optional[dict] = None
         self.received = 0
         self._subscribers: list[Callable[[dict], None]] = []
@@ -168,11 +176,11 @@ class EventStream:
         self._thread.start()
 
     @classmethod
-    def for_url(cls, url: str) -> "EventStream":
+    def for_url(cls, url: str, server_public_key: "str | bytes | None" = None) -> "EventStream":
         with cls._streams_lock:
             stream = cls._streams.get(url)
             if stream is None or stream._stop.is_set():
-                stream = cls._streams[url] = cls(url)
+                stream = cls._streams[url] = cls(url, server_public_key=server_public_key)
             return stream
 
     def subscribe(self, fn: Callable[[dict], None]) -> None:
@@ -186,9 +194,11 @@ class EventStream:
         import zmq
 
         from workbench import wire
+        from workbench.connection import curve_client
 
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        curve_client(sub, self._server_key)
         for topic in self._topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
         sub.connect(self.url)
