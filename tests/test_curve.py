@@ -215,3 +215,36 @@ def test_ready_line_parsing():
         "tcp://h:1", {"curve_public_key": key})
     assert parse_ready_line("workbench-server ready url=tcp://h:1\n") == ("tcp://h:1", {})
     assert parse_ready_line("[workbench-server] loaded tiny-qwen3") is None
+
+
+def test_wildcard_bound_server_advertises_events_the_client_can_reach(tmp_path):
+    """Bound to 0.0.0.0 (the remote-use setup), the server advertises tcp://0.0.0.0:<port>
+    for events; the client substitutes the host it dialled, and the stream delivers."""
+    from kernel_ext.widgets.common import EventStream
+    from workbench.connection import reachable_events_url
+
+    assert reachable_events_url("tcp://0.0.0.0:5001", "tcp://10.1.2.3:7788") == "tcp://10.1.2.3:5001"
+    assert reachable_events_url("tcp://[::]:5001", "tcp://[fe80::1]:7788") == "tcp://[fe80::1]:5001"
+    assert reachable_events_url("tcp://127.0.0.1:5001", "tcp://10.1.2.3:7788") == "tcp://127.0.0.1:5001"
+    running = start_server(tmp_path, "--host", "0.0.0.0", "--curve-secret-file", str(tmp_path / "k"))
+    try:
+        port = running.url.rpartition(":")[2]
+        service = wb.ServiceClient(base_url=f"tcp://127.0.0.1:{port}", api_key=running.api_key,
+                                   server_public_key=running.server_public_key)
+        assert service.events_url.startswith("tcp://127.0.0.1:")
+        events: list[dict] = []
+        stream = EventStream(service.events_url)
+        stream.subscribe(events.append)
+        try:
+            time.sleep(0.5)  # PUB/SUB slow joiner
+            sampler = service.create_sampling_client(base_model="tiny-qwen3")
+            sampler.compute_logprobs(types.ModelInput.from_ints([5, 6, 7])).result(60)
+            deadline = time.monotonic() + 10
+            while not any(e.get("topic") == "cycle" for e in events) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert any(e.get("topic") == "cycle" for e in events), events
+        finally:
+            stream.close()
+            service.close()
+    finally:
+        running.stop(timeout=30)

@@ -85,6 +85,17 @@ def curve_client(socket: "zmq.Socket", server_key: Optional[bytes]) -> None:
     socket.setsockopt(zmq.CURVE_SERVERKEY, server_key)
 
 
+def reachable_events_url(events_url: str, request_url: str) -> str:
+    """The events URL as this client can reach it: a server bound to a wildcard address
+    (0.0.0.0, ::, *) advertises that address, so take the host the client dialled instead."""
+    scheme, _, rest = events_url.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme != "tcp" or not sep or host.strip("[]") not in ("0.0.0.0", "::", "*"):
+        return events_url
+    dialled = request_url.partition("://")[2].rpartition(":")[0]
+    return f"tcp://{dialled}:{port}" if dialled else events_url
+
+
 def server_key_for_events(events_url: str) -> Optional[bytes]:
     """The CURVE key a connection in this process used for the server of this events URL."""
     return _event_keys.get(events_url)
@@ -158,6 +169,8 @@ class Connection:
                 f"server at {url} speaks protocol {self.hello.get('protocol')}, this client "
                 f"speaks {wire.PROTOCOL_VERSION}; install matching tinker-workbench versions"
             )
+        if self.hello.get("events_url"):
+            self.hello["events_url"] = reachable_events_url(self.hello["events_url"], url)
         if self.server_public_key is not None and self.hello.get("events_url"):
             _event_keys[self.hello["events_url"]] = self.server_public_key
 
