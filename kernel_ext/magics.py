@@ -6,7 +6,9 @@ VAR / EXPR arguments are evaluated in the notebook's namespace; quote an EXPR th
 
 Connection
   %tinker start [--models M]          start the embedded local server and connect to it
-  %tinker connect [URL] [--key K]     connect to URL (default: $WORKBENCH_URL, else embedded)
+  %tinker connect [URL] [--key K] [--server-key Z85]
+                                      connect to URL (default: $WORKBENCH_URL, else embedded);
+                                      --server-key: the public key of a CURVE server
   %tinker stop                        close widgets; stop the embedded server if we started it
   %tinker status                      URL, protocol, tenant, current cycle, models
   %tinker models                      base models the server offers
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("connect", add_help=False)
     p.add_argument("url", nargs="?")
     p.add_argument("--key")
+    p.add_argument("--server-key", dest="server_key")
     for name in ("stop", "status", "models", "runs", "monitor"):
         sub.add_parser(name, add_help=False)
     p = sub.add_parser("checkpoints", add_help=False)
@@ -210,11 +213,11 @@ class TinkerMagics(Magics):
 
     # ---------------------------------------------------------- connection
 
-    def _connect(self, url: Optional[str], key: Optional[str]) -> Any:
+    def _connect(self, url: Optional[str], key: Optional[str], server_key: Optional[str] = None) -> Any:
         import workbench
 
         try:
-            service = workbench.ServiceClient(base_url=url, api_key=key)
+            service = workbench.ServiceClient(base_url=url, api_key=key, server_public_key=server_key)
         except (ValueError, workbench.WorkbenchError, RuntimeError) as exc:
             raise UsageError(f"%tinker: could not connect: {exc}") from None
         self.session.service = service
@@ -234,7 +237,7 @@ class TinkerMagics(Magics):
                 os.environ["WORKBENCH_URL"] = saved
 
     def _cmd_connect(self, args: argparse.Namespace) -> Any:
-        return self._connect(args.url, args.key)
+        return self._connect(args.url, args.key, args.server_key)
 
     def _cmd_stop(self, args: argparse.Namespace) -> TextView:
         from .widgets.common import EventStream

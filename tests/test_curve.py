@@ -248,3 +248,20 @@ def test_wildcard_bound_server_advertises_events_the_client_can_reach(tmp_path):
             service.close()
     finally:
         running.stop(timeout=30)
+
+
+def test_magic_connects_with_the_server_key(curve_server):
+    from IPython.testing.globalipapp import start_ipython
+
+    from kernel_ext.magics import TinkerMagics
+
+    shell = start_ipython()
+    magics = TinkerMagics(shell)  # a session of its own: the module-wide connection stays as it is
+    service = magics.tinker(f"connect {curve_server.url} --key {curve_server.api_key} "
+                            f"--server-key {curve_server.server_public_key}")
+    try:
+        assert service.server_public_key == curve_server.server_public_key
+        assert service.create_sampling_client(base_model="tiny-qwen3").compute_logprobs(
+            types.ModelInput.from_ints([5, 6, 7])).result(60)[0] is None
+    finally:
+        service.close()
