@@ -106,7 +106,7 @@ def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[Rou
 
 
 # Passes without gradients whose routed tokens x segments stay under this take the
-# concatenated-A path of the grouped implementation (see MultiLoRALinear._concat_delta);
+# concatenated-A path of the grouped implementation (see MultiLoRALinear._concat_factors);
 # from benchmarks/bench_decode.py --device cpu (torch 2.13).
 CONCAT_MAX_WORK = 4096
 
@@ -180,16 +180,19 @@ class MultiLoRALinear(nn.Module):
         active = tuple((slot, s, e) for slot, s, e in spans if slot in self.adapters and e > s)
         if not active:
             return out
-        if self.impl == "grouped" and self._aligned(x.dtype):
+        if self.impl == "grouped" and self._grouped_ok(x):
             self._add_grouped(x, out, active)
         else:
             self._add_loop(x, out, active)
         return out
 
-    def _aligned(self, dtype: torch.dtype) -> bool:
-        """Grouped GEMM needs 16-byte aligned rows; odd sizes (e.g. a vocab of 50257) loop."""
-        align = 16 // dtype.itemsize
-        return self.in_features % align == 0 and self.out_features % align == 0
+    def _grouped_ok(self, x: torch.Tensor) -> bool:
+        """Grouped GEMM needs 16-byte aligned rows (odd sizes such as a vocab of 50257 loop),
+        and on CUDA bf16 inputs (torch's kernel and its meta checks are bf16-only there)."""
+        align = 16 // x.dtype.itemsize
+        if self.in_features % align or self.out_features % align:
+            return False
+        return x.device.type != "cuda" or x.dtype == torch.bfloat16
 
     def _add_loop(self, x: torch.Tensor, out: torch.Tensor, active: Sequence[Span]) -> None:
         x_flat = x.reshape(-1, self.in_features)  # [N, in]
