@@ -240,8 +240,14 @@ def test_rollout_dashboard_consumes_a_stream_in_the_background():
 
     dash = RolloutDashboard()
     thread = dash.feed(stream())
-    time.sleep(0.2)
-    assert len(dash.groups) == 1  # the cell did not wait for the slow stream
+    # feed() returned while the stream is held at its gate (a feed that consumed the stream
+    # in the caller would have waited out gate.wait(5) and seen both groups). The first group
+    # arrives on the feed thread, which a loaded machine may not schedule at once: wait for
+    # it rather than sleeping a fixed 0.2 s.
+    deadline = time.monotonic() + 5
+    while not dash.groups and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(dash.groups) == 1 and not gate.is_set()  # the cell did not wait for the slow stream
     gate.set()
     thread.join(5)
     assert len(dash.groups) == 2 and "group 1" in dash.body_html

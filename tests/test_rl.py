@@ -170,7 +170,9 @@ def test_rl_datums_reproduce_sampler_logprobs_and_train_under_every_loss(service
     training = service.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=0)
     sampler = training.save_weights_and_get_sampling_client("rl-test")
     builders = [EchoBuilder([5, 6, 7], 2)]
-    groups = do_group_rollouts(builders, sampler, types.SamplingParams(max_tokens=3))
+    # Seeded: an unseeded request draws a random seed on the server, so a failure (say, one
+    # rare token's logprob off by more than atol) could not be reproduced.
+    groups = do_group_rollouts(builders, sampler, types.SamplingParams(max_tokens=3, seed=0))
     groups[0].group_rewards[:] = [1.0, 0.0]  # make the group non-constant whatever was sampled
     data, _ = assemble_training_data(groups, compute_advantages(groups))
     out = training.forward(loss_datums(data), "importance_sampling").result(60)

@@ -266,8 +266,12 @@ def test_flooding_tenant_does_not_starve_another(alice, bob, tokenizer):
     flood_cycles = cycles_of(flooder.model_id, "forward")
     victim_cycles = cycles_of(victim.model_id, "forward_backward")
     assert victim_cycles == cycles_of(victim.model_id, "optim_step"), "fb + optim share a cycle"
-    # The victim is served within two cycles of the flood's first one, long before the flood ends.
-    assert victim_cycles[0] <= flood_cycles[0] + 2, (victim_cycles, flood_cycles)
+    # The victim is served within a few cycles of the flood's first one, long before the flood
+    # ends (first-come-first-served would put it after all of the flood's 25-odd cycles).
+    # Measured: flood_cycles[0] + 1 in 3 of 3 runs. How soon its request even reaches the
+    # server depends on this process sending 100 flood requests first, which a loaded machine
+    # can delay by a cycle or two: hence + 4, not + 2.
+    assert victim_cycles[0] <= flood_cycles[0] + 4, (victim_cycles, flood_cycles)
     assert flood_cycles[-1] - flood_cycles[0] >= 10, flood_cycles
     first = next(e for e in events.seen if e["cycle"] == flood_cycles[0])
     assert first["queue_depth"] > 0 and first["tokens"] <= 64 + 16
