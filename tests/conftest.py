@@ -36,3 +36,11 @@ def service(server):
     import workbench as wb
 
     return wb.ServiceClient(base_url=server.url, api_key=server.api_key)
+
+
+def ipython_shell():
+    """IPython's global test shell; `start_ipython` returns it only on its first call in a
+    process (later calls return None), so every test module asks through here."""
+    from IPython.testing import globalipapp
+
+    return globalipapp.start_ipython() or globalipapp.get_ipython()

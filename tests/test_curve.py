@@ -20,7 +20,7 @@ import workbench as wb
 from workbench import types, wire
 from workbench.connection import SERVER_KEY_ENV
 
-from conftest import start_server
+from conftest import ipython_shell, start_server
 
 FAIL_FAST_S = 1.5  # connect timeout for clients expected to get no answer
 
@@ -251,11 +251,9 @@ def test_wildcard_bound_server_advertises_events_the_client_can_reach(tmp_path):
 
 
 def test_magic_connects_with_the_server_key(curve_server):
-    from IPython.testing.globalipapp import start_ipython
-
     from kernel_ext.magics import TinkerMagics
 
-    shell = start_ipython()
+    shell = ipython_shell()
     magics = TinkerMagics(shell)  # a session of its own: the module-wide connection stays as it is
     service = magics.tinker(f"connect {curve_server.url} --key {curve_server.api_key} "
                             f"--server-key {curve_server.server_public_key}")

@@ -6,14 +6,15 @@ import time
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import start_ipython
 
 from workbench import types
+
+from conftest import ipython_shell
 
 
 @pytest.fixture(scope="module")
 def ip(server):
-    shell = start_ipython()
+    shell = ipython_shell()
     shell.run_line_magic("load_ext", "kernel_ext")
     shell.run_line_magic("tinker", f"connect {server.url} --key {server.api_key}")
     yield shell
