@@ -297,3 +297,18 @@ def test_choose_draws_from_each_rows_own_filtered_distribution():
     again = _choose(logits_row.expand(len(rows), vocab).clone(), rows, requests,
                     {r: torch.Generator().manual_seed(req.seed) for r, req in enumerate(requests)})
     assert torch.equal(tokens, again)
+
+
+def test_filter_leaves_rows_without_a_nucleus_whole_beside_rows_with_one():
+    """A row with top_p = 1 (and no top_k) keeps every token even when a co-tenant's row in
+    the same batched draw asks for a nucleus: a float32 cumsum overshoots 1 in the tail, which
+    must not cut tokens from rows that asked for no cut."""
+    from server.engine.sampler import _filter
+
+    vocab = 1000
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    probs = torch.softmax(torch.sort(logits[1], descending=True).values, -1)
+    assert float((torch.cumsum(probs, -1) - probs).max()) > 1.0  # the overshoot is there
+    out = _filter(logits.clone(), [vocab, vocab], [0.5, 1.0])
+    assert torch.equal(out[1], logits[1])
+    assert torch.isinf(out[0]).any()  # the nucleus row is cut

@@ -91,6 +91,19 @@ def _run(engine, items, backward, **settings):
     return results
 
 
+def _assert_same_outcomes(got, want):
+    """(results, grads per adapter) of two layouts agree: losses, logprobs, gradients."""
+    (got_res, got_grads), (want_res, want_grads) = got, want
+    for a, b in zip(got_res, want_res):
+        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
+    for ga, gb in zip(got_grads, want_grads):
+        for a, b in zip(ga, gb):
+            assert b.norm() > 0
+            assert float((a - b).norm() / b.norm()) <= 1e-5
+
+
 def test_padded_rows_equal_one_row_layout(engine):
     rng = np.random.default_rng(7)
     adapters = [
@@ -113,15 +126,7 @@ def test_padded_rows_equal_one_row_layout(engine):
         outcomes.append((results, [[p.grad.clone() for p in ad.parameters()] for _, ad in adapters]))
         for _, ad in adapters:
             ad.optimizer.zero_grad()
-    (rows_res, rows_grads), (one_res, one_grads) = outcomes
-    for a, b in zip(rows_res, one_res):
-        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
-        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
-            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
-    for ga, gb in zip(rows_grads, one_grads):
-        for a, b in zip(ga, gb):
-            assert b.norm() > 0
-            assert float((a - b).norm() / b.norm()) <= 1e-5
+    _assert_same_outcomes(*outcomes)
 
 
 def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(engine, monkeypatch):
@@ -144,14 +149,7 @@ def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(en
         for _, ad in adapters:
             ad.optimizer.zero_grad()
         assert len(masks_built) == (0 if row_length is None else 1)
-    (rows_res, rows_grads), (one_res, one_grads) = outcomes
-    for a, b in zip(rows_res, one_res):
-        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
-            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
-    for ga, gb in zip(rows_grads, one_grads):
-        for a, b in zip(ga, gb):
-            assert b.norm() > 0
-            assert float((a - b).norm() / b.norm()) <= 1e-5
+    _assert_same_outcomes(*outcomes)
 
 
 def test_flex_attention_equals_sdpa_mask(engine):

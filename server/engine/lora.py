@@ -77,7 +77,9 @@ class RoutePlan:
         """[M, S*rank] ones where a routed token meets its own segment's rank components."""
         key = (rank, dtype)
         if key not in self._masks:
-            tokens = torch.arange(int(self.offs[-1]), device=self.offs.device)
+            # M from host-side facts, not int(offs[-1]): that would be a device sync.
+            n_tokens = self.hi - self.lo if self.index is None else self.index.shape[0]
+            tokens = torch.arange(n_tokens, device=self.offs.device)
             segment = torch.searchsorted(self.offs.long(), tokens, right=True)  # [M]
             column = torch.arange(len(self.slots) * rank, device=self.offs.device) // rank
             self._masks[key] = (segment[:, None] == column[None, :]).to(dtype)

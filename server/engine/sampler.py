@@ -184,7 +184,11 @@ def _filter(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch
         probs = torch.softmax(ordered, dim=-1)
         # keep a token if the mass strictly before it is < top_p (the first token always stays)
         before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = before >= torch.tensor(top_p, dtype=scaled.dtype, device=device)[:, None]
+        # Rows without a nucleus (top_p >= 1) keep everything: a float32 cumsum overshoots 1
+        # in the tail, so comparing them against 1.0 would drop tail tokens, and only when a
+        # co-tenant's row happened to ask for top_p.
+        threshold = [p if p < 1.0 else float("inf") for p in top_p]
+        drop_sorted = before >= torch.tensor(threshold, dtype=scaled.dtype, device=device)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
