@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -108,11 +109,24 @@ def test_inspect_scores_and_diffs_after_training(ip, training):
 
 
 def test_step_panel_buttons_run_in_the_background(ip, training):
-    panel = ip.run_line_magic("tinker", "step tc --batches batches --lr 0.01")
+    gate = threading.Event()
+
+    def held_back_batches():  # the first batch comes only when the test opens the gate
+        gate.wait(120)
+        while True:
+            yield ip.user_ns["data"]
+
+    ip.user_ns["held_back"] = held_back_batches()
+    panel = ip.run_line_magic("tinker", "step tc --batches held_back --lr 0.01")
     start_step = panel.step
-    t0 = time.monotonic()
-    panel.step_button.click()
-    assert time.monotonic() - t0 < 0.5  # the click only enqueued the work
+    clicker = threading.Thread(target=panel.step_button.click)
+    clicker.start()
+    clicker.join(60)
+    # The click returned although its step cannot even have its batch yet: it only
+    # enqueued the work (a click that ran the step itself would still be waiting here).
+    assert not clicker.is_alive() and not gate.is_set()
+    assert not panel.wait_idle(0.2) and panel.step == start_step
+    gate.set()
     assert panel.wait_idle(60) and panel.error is None
     panel.flush()
     assert panel.step == start_step + 1
