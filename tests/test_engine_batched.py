@@ -270,7 +270,7 @@ def test_sample_rejects_bad_requests_before_compute(engine, req, where):
 def test_choose_draws_from_each_rows_own_filtered_distribution():
     """One batched draw for rows of different requests (temperature, top_k, top_p, greedy):
     each request's samples land only in its allowed set, with its renormalised frequencies."""
-    from server.engine.sampler import _choose
+    from server.engine.sampler import RowSampling, _choose
 
     vocab, n = 12, 6000
     logits_row = torch.linspace(2.0, -2.0, vocab)  # token 0 most likely
@@ -280,7 +280,8 @@ def test_choose_draws_from_each_rows_own_filtered_distribution():
     requests = [SampleRequest(None, [1], n, 1, seed=10 + i, **spec) for i, spec in enumerate(specs)]
     rows = [(r, s) for r in range(len(requests)) for s in range(n)]
     generators = {r: torch.Generator().manual_seed(req.seed) for r, req in enumerate(requests)}
-    tokens = _choose(logits_row.expand(len(rows), vocab).clone(), rows, requests, generators)
+    sampling = RowSampling.of(rows, requests, vocab, torch.device("cpu"))
+    tokens = _choose(logits_row.expand(len(rows), vocab).clone(), sampling, requests, generators)
     counts = [torch.bincount(tokens[r * n:(r + 1) * n], minlength=vocab).double() / n for r in range(len(specs))]
 
     def expect(p):
@@ -294,7 +295,7 @@ def test_choose_draws_from_each_rows_own_filtered_distribution():
         assert (got[want == 0] == 0).all(), (got, want)  # never outside the allowed set
         assert float((got - want).abs().max()) < 0.03, (got, want)  # ~4 sigma at n = 6000
     # the same seeds give the same draws
-    again = _choose(logits_row.expand(len(rows), vocab).clone(), rows, requests,
+    again = _choose(logits_row.expand(len(rows), vocab).clone(), sampling, requests,
                     {r: torch.Generator().manual_seed(req.seed) for r, req in enumerate(requests)})
     assert torch.equal(tokens, again)
 
@@ -303,12 +304,13 @@ def test_filter_leaves_rows_without_a_nucleus_whole_beside_rows_with_one():
     """A row with top_p = 1 (and no top_k) keeps every token even when a co-tenant's row in
     the same batched draw asks for a nucleus: a float32 cumsum overshoots 1 in the tail, which
     must not cut tokens from rows that asked for no cut."""
-    from server.engine.sampler import _filter
+    from server.engine.sampler import RowSampling, _filter
 
     vocab = 1000
     logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(3)) * 3
     probs = torch.softmax(torch.sort(logits[1], descending=True).values, -1)
     assert float((torch.cumsum(probs, -1) - probs).max()) > 1.0  # the overshoot is there
-    out = _filter(logits.clone(), [vocab, vocab], [0.5, 1.0])
+    requests = [SampleRequest(None, [1], 1, 1, top_p=0.5), SampleRequest(None, [1], 1, 1, top_p=1.0)]
+    out = _filter(logits.clone(), RowSampling.of([(0, 0), (1, 0)], requests, vocab, torch.device("cpu")))
     assert torch.equal(out[1], logits[1])
     assert torch.isinf(out[0]).any()  # the nucleus row is cut

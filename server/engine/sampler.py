@@ -85,6 +85,7 @@ def generate(
     alive = list(range(n_rows))  # the original row of each row in the decode batch, in order
     routing = LoRARouting(base.lora_layers, spans_for_rows(row_slots), per_row=True)
     cache = None
+    sampling: Optional[RowSampling] = None  # for the rows in `alive`
     step_ids = input_ids
     for _ in range(max_new):
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
@@ -99,7 +100,9 @@ def generate(
             )
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()  # [alive, V]
-        next_tokens = _choose(logits, [rows[i] for i in alive], requests, generators)
+        if sampling is None:
+            sampling = RowSampling.of([rows[i] for i in alive], requests, logits.shape[-1], device)
+        next_tokens = _choose(logits, sampling, requests, generators)
         chosen_lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tokens[:, None])[:, 0].tolist()
         next_list = next_tokens.tolist()
         for b, i in enumerate(alive):
@@ -124,6 +127,7 @@ def generate(
             cache.batch_select_indices(keep_t)
             step_ids, attention = step_ids[keep_t], attention[keep_t]
             alive = [alive[b] for b in keep]
+            sampling = None
             routing.spans = tuple(spans_for_rows([row_slots[i] for i in alive]))
 
     results: list[list[SampleOutput]] = [[None] * req.num_samples for req in requests]  # type: ignore[list-item]
@@ -132,13 +136,46 @@ def generate(
     return results
 
 
+@dataclass
+class RowSampling:
+    """The decode batch's per-row sampling settings as tensors: built when the batch's rows
+    change (at the start, and when finished rows are dropped), not at every decode step."""
+
+    rows: list[tuple[int, int]]  # (request, sample) of each row
+    greedy: torch.Tensor  # bool [rows]
+    all_greedy: bool
+    temperature: torch.Tensor  # [rows]; 1 for greedy rows (their argmax is used)
+    top_k: Optional[torch.Tensor]  # long [rows], vocab = no cut; None when no row cuts
+    # [rows]; inf for rows without a nucleus: a float32 cumsum overshoots 1 in the tail, so
+    # comparing such rows against 1.0 would drop tail tokens whenever a co-tenant's row
+    # asks for top_p. None when no row has a nucleus.
+    top_p: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, rows: list[tuple[int, int]], requests: list[SampleRequest], vocab: int,
+           device: torch.device) -> "RowSampling":
+        params = [requests[r] for r, _ in rows]
+        greedy = [req.temperature <= 0 for req in params]
+        top_k = [req.top_k if req.top_k is not None and 0 < req.top_k < vocab else vocab for req in params]
+        top_p = [req.top_p if req.top_p < 1.0 else float("inf") for req in params]
+        return cls(
+            rows=rows,
+            greedy=torch.tensor(greedy, device=device),
+            all_greedy=all(greedy),
+            temperature=torch.tensor([1.0 if g else req.temperature for g, req in zip(greedy, params)],
+                                     device=device),
+            top_k=torch.tensor(top_k, device=device) if any(k < vocab for k in top_k) else None,
+            top_p=torch.tensor(top_p, device=device) if any(p < 1.0 for p in top_p) else None,
+        )
+
+
 def _choose(
     logits: torch.Tensor,
-    batch_rows: list[tuple[int, int]],
+    sampling: RowSampling,
     requests: list[SampleRequest],
     generators: dict[int, torch.Generator],
 ) -> torch.Tensor:
-    """Next token of every row in the batch; rows are (request, sample) pairs.
+    """Next token of every row in the batch (logits [rows, V], fp32).
 
     All rows at once, whatever their requests' temperature, top_k and top_p: a handful of
     batched ops per decode step, not a handful per request (which on a GPU would be dozens
@@ -147,49 +184,37 @@ def _choose(
     (host) generator, so a row's draw depends neither on which rows are still running nor on
     the device.
     """
-    device = logits.device
-    params = [requests[r] for r, _ in batch_rows]
-    greedy = [req.temperature <= 0 for req in params]
     choice = logits.argmax(-1)
-    if all(greedy):
+    if sampling.all_greedy:
         return choice
     draws: dict[int, list[float]] = {}
-    for r, _ in batch_rows:
+    for r, _ in sampling.rows:
         if r not in draws and requests[r].temperature > 0:
             draws[r] = torch.rand(requests[r].num_samples, generator=generators[r]).tolist()
-    u = torch.tensor([draws[r][s] if r in draws else 0.0 for r, s in batch_rows],
-                     dtype=logits.dtype).to(device)
-    temperature = torch.tensor([req.temperature if req.temperature > 0 else 1.0 for req in params],
-                               dtype=logits.dtype).to(device)
-    scaled = logits / temperature[:, None]
-    vocab = logits.shape[-1]
-    top_k = [req.top_k if req.top_k is not None and 0 < req.top_k < vocab else vocab for req in params]
-    top_p = [req.top_p for req in params]
-    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-        scaled = _filter(scaled, top_k, top_p)
+    u = torch.tensor([draws[r][s] if r in draws else 0.0 for r, s in sampling.rows],
+                     dtype=logits.dtype).to(logits.device)
+    scaled = _filter(logits / sampling.temperature[:, None], sampling)
     cdf = torch.softmax(scaled, dim=-1).cumsum(-1)  # [rows, V]
     # right=True picks the first token whose cdf exceeds u: never a zero-mass token.
-    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=vocab - 1)
-    return torch.where(torch.tensor(greedy, device=device), choice, sampled)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.where(sampling.greedy, choice, sampled.clamp(max=logits.shape[-1] - 1))
 
 
-def _filter(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+def _filter(scaled: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     """Mask each row's logits outside its top-k, then outside its top-p nucleus, with -inf."""
-    device = scaled.device
+    if sampling.top_k is None and sampling.top_p is None:
+        return scaled
     ordered, order = torch.sort(scaled, dim=-1, descending=True)
-    kth = ordered.gather(-1, torch.tensor(top_k, device=device)[:, None] - 1)  # [rows, 1]
-    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    if any(p < 1.0 for p in top_p):
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    if sampling.top_k is not None:
+        kth = ordered.gather(-1, sampling.top_k[:, None] - 1)  # [rows, 1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if sampling.top_p is not None:  # the nucleus is taken within the top-k
+            ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    if sampling.top_p is not None:
         probs = torch.softmax(ordered, dim=-1)
         # keep a token if the mass strictly before it is < top_p (the first token always stays)
         before = torch.cumsum(probs, dim=-1) - probs
-        # Rows without a nucleus (top_p >= 1) keep everything: a float32 cumsum overshoots 1
-        # in the tail, so comparing them against 1.0 would drop tail tokens, and only when a
-        # co-tenant's row happened to ask for top_p.
-        threshold = [p if p < 1.0 else float("inf") for p in top_p]
-        drop_sorted = before >= torch.tensor(threshold, dtype=scaled.dtype, device=device)[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= sampling.top_p[:, None])
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
 
