@@ -22,6 +22,8 @@ from server.engine.packing import plan_micro_batches
 from server.engine.sampler import SampleRequest
 from server.tiny import build_tiny_model
 
+from engine_helpers import randomize_lora_B
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
     pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning"),
@@ -56,14 +58,6 @@ _ids = itertools.count()
 def new_adapter(engine, base_name=QWEN, **config):
     adapter_id = f"adapter-{next(_ids)}"
     return adapter_id, engine.create_adapter(adapter_id, base_name, AdapterConfig(**config))
-
-
-def randomize_lora_B(adapter, seed, std=0.05):
-    """Give lora_B non-zero values (PEFT init has B = 0, which makes lora_A's grads 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pair in adapter.pairs.values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * std)
 
 
 def zero_grads(adapter):

@@ -7,21 +7,20 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 
-from server.engine.engine import AdapterConfig, Engine, EngineDatum, EngineInputError, ForwardItem, ForwardResult
-from server.engine.lora import MultiLoRALinear, init_lora_pair
+from server.engine.engine import AdapterConfig, Engine, EngineInputError, ForwardItem, ForwardResult
+from server.engine.lora import MultiLoRALinear
 from server.engine.sampler import SampleRequest, generate
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
+from engine_helpers import QWEN, adapter_maker, assert_same_outcomes, grads, layer_with_adapters, random_datum
 
-QWEN = "tiny-qwen3"
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning")]
+make_adapter = adapter_maker("b", b_seed_offset=1000)
+
 ADAM = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
-_ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -29,40 +28,6 @@ def engine():
     e = Engine(device="cpu")
     e.load_model(QWEN)
     return e
-
-
-def datum(rng, n):
-    tokens = rng.integers(0, 4000, n + 1)
-    return EngineDatum(tokens[:-1].copy(), {
-        "target_tokens": tokens[1:].copy(), "weights": rng.uniform(-1, 1, n).astype(np.float32)})
-
-
-def make_adapter(engine, **cfg):
-    aid = f"b-{next(_ids)}"
-    ad = engine.create_adapter(aid, QWEN, AdapterConfig(**cfg))
-    g = torch.Generator().manual_seed(cfg.get("seed", 0) + 1000)
-    with torch.no_grad():  # PEFT init has B = 0, which would make lora_A's grads 0
-        for pair in ad.pairs.values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
-    return aid, ad
-
-
-def grads(ad):
-    return [p.grad.detach().clone() for p in ad.parameters()]
-
-
-def layer_with_adapters(in_features, out_features, ranks_alphas, seed, dtype=torch.float32):
-    """A MultiLoRALinear over a random frozen base, one adapter per (rank, alpha) in slots
-    0, 1, ..., each with a random (non-zero) B so that it changes the output."""
-    base = torch.nn.Linear(in_features, out_features, bias=False).requires_grad_(False).to(dtype)
-    layer = MultiLoRALinear(base, "x", "attn")
-    g = torch.Generator().manual_seed(seed)
-    for slot, (rank, alpha) in enumerate(ranks_alphas):
-        pair = init_lora_pair(in_features, out_features, rank, alpha, g, torch.device("cpu"))
-        with torch.no_grad():
-            pair.lora_B.normal_(generator=g)
-        layer.add_adapter(slot, pair)
-    return layer
 
 
 def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
@@ -88,7 +53,7 @@ def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_concatenated_path_without_gradients_equals_loop():
+def test_concatenated_path_without_gradients_equals_loop(monkeypatch):
     """Without gradients, few routed tokens take the concatenated-A path (every token
     through every segment's A, other segments masked to exact zeros); large ones the
     grouped kernel. Both equal the loop, in place into the base output or gathered."""
@@ -100,30 +65,20 @@ def test_concatenated_path_without_gradients_equals_loop():
              [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (1, 29, 30)]]  # gathered, a slot twice
     calls = []
     original = MultiLoRALinear._concat_factors
-
-    def counting(self, *args):
-        calls.append(1)
-        return original(self, *args)
-
-    MultiLoRALinear._concat_factors = counting
-    try:
-        for spans in cases:
-            with torch.no_grad():
-                layer.impl = "loop"
-                expected = layer.forward_spans(x, spans)
-                layer.impl = "grouped"
-                for limit, concat in ((10**6, True), (0, False)):
-                    before = len(calls)
-                    lora.CONCAT_MAX_WORK, saved = limit, lora.CONCAT_MAX_WORK
-                    try:
-                        got = layer.forward_spans(x, spans)
-                    finally:
-                        lora.CONCAT_MAX_WORK = saved
-                    assert (len(calls) > before) == concat
-                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-            assert (expected != layer.base(x)).any()
-    finally:
-        MultiLoRALinear._concat_factors = original
+    monkeypatch.setattr(MultiLoRALinear, "_concat_factors",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    for spans in cases:
+        with torch.no_grad():
+            layer.impl = "loop"
+            expected = layer.forward_spans(x, spans)
+            layer.impl = "grouped"
+            for limit, concat in ((10**6, True), (0, False)):
+                before = len(calls)
+                monkeypatch.setattr(lora, "CONCAT_MAX_WORK", limit)
+                got = layer.forward_spans(x, spans)
+                assert (len(calls) > before) == concat
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert (expected != layer.base(x)).any()
 
 
 def test_grouped_engine_pass_equals_loop_pass(engine):
@@ -133,7 +88,7 @@ def test_grouped_engine_pass_equals_loop_pass(engine):
         make_adapter(engine, rank=8, alpha=4.0, seed=2),
         make_adapter(engine, rank=4, seed=3, train_attn=False, train_unembed=False),
     ]
-    items = [ForwardItem(aid, [datum(rng, n) for n in (7, 12)]) for aid, _ in adapters]
+    items = [ForwardItem(aid, [random_datum(rng, n) for n in (7, 12)]) for aid, _ in adapters]
     results = {}
     for impl in ("loop", "grouped"):
         engine.set_lora_impl(impl)
@@ -142,19 +97,11 @@ def test_grouped_engine_pass_equals_loop_pass(engine):
         for _, ad in adapters:
             ad.optimizer.zero_grad()
     engine.set_lora_impl("auto")
-    (loop_res, loop_grads), (grp_res, grp_grads) = results["loop"], results["grouped"]
-    for a, b in zip(grp_res, loop_res):
-        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
-        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
-            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
-    for ga, gb in zip(grp_grads, loop_grads):
-        for a, b in zip(ga, gb):
-            assert b.norm() > 0
-            assert float((a - b).norm() / b.norm()) <= 1e-5
+    assert_same_outcomes(results["grouped"], results["loop"])
 
 
 def test_grouped_sampling_equals_loop_sampling(engine):
-    (aid_a, ad_a), (aid_b, ad_b) = make_adapter(engine, rank=4, seed=7), make_adapter(engine, rank=2, seed=8)
+    (_, ad_a), (_, ad_b) = make_adapter(engine, rank=4, seed=7), make_adapter(engine, rank=2, seed=8)
     reqs = [
         SampleRequest(ad_a.slot, [5, 6, 7], 2, 6, temperature=1.0, seed=1),
         SampleRequest(None, [9, 10], 1, 6, temperature=0.0),
@@ -183,11 +130,11 @@ def train_round_robin(engine, steps):
         ids.append(aid)
     for _ in range(steps):
         for aid in ids:
-            (res,) = engine.forward([ForwardItem(aid, [datum(rng, 9), datum(rng, 6)])], backward=True)
+            (res,) = engine.forward([ForwardItem(aid, [random_datum(rng, 9), random_datum(rng, 6)])], backward=True)
             assert isinstance(res, ForwardResult)
             engine.optim_step(aid, ADAM)
     # one shared pass of all four: more than the limit must still work (all resident for it)
-    items = [ForwardItem(aid, [datum(rng, 5)]) for aid in ids]
+    items = [ForwardItem(aid, [random_datum(rng, 5)]) for aid in ids]
     assert all(isinstance(r, ForwardResult) for r in engine.forward(items, backward=True))
     for aid in ids:
         engine.optim_step(aid, ADAM)
@@ -220,7 +167,7 @@ def test_offload_beyond_resident_limit_is_invisible(engine):
     assert not limited.adapters[aid].resident
     restores = limited.restore_count
     rng = np.random.default_rng(9)
-    item = ForwardItem(aid, [datum(rng, 6)])
+    item = ForwardItem(aid, [random_datum(rng, 6)])
     lp_parked = limited.forward([item], backward=False)[0].logprobs[0]
     assert limited.restore_count == restores + 1 and aid in limited.resident_adapters()
     np.testing.assert_array_equal(lp_parked, reference.forward([item], backward=False)[0].logprobs[0])

@@ -30,7 +30,7 @@ from server.engine.engine import AdapterConfig, Engine, EngineDatum, ForwardItem
 from server.engine.models import load_base_model
 from server.engine.sampler import SampleRequest
 from server.tiny import build_tiny_model
-from test_engine_batched import layer_with_adapters
+from engine_helpers import grads, layer_with_adapters
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
@@ -102,10 +102,6 @@ def assert_grads_close(actual: list, expected: list, cos_min=0.99, rel_max=0.15)
         cos = float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
         rel = float((a.double() - b.double()).norm() / b.double().norm())
         assert cos > cos_min and rel < rel_max, f"gradient cosine {cos:.5f}, relative error {rel:.4f}"
-
-
-def grads(ad):
-    return [p.grad.detach().clone() for p in ad.parameters()]
 
 
 # -------------------------------------------------------------------------------- tests

@@ -7,19 +7,17 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
 
-from server.engine.engine import AdapterConfig, Engine, EngineDatum, ForwardItem, ForwardResult
+from server.engine.engine import Engine, ForwardItem, ForwardResult
 from server.engine.packing import build_micro_batch, plan_micro_batches
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+from engine_helpers import QWEN, adapter_maker, assert_same_outcomes, random_datum
 
-QWEN = "tiny-qwen3"
-_ids = itertools.count()
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
+make_adapter = adapter_maker("p", b_seed_offset=500)
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +25,6 @@ def engine():
     e = Engine(device="cpu", attention="sdpa_mask")
     e.load_model(QWEN)
     return e
-
-
-def make_adapter(engine, **cfg):
-    aid = f"p-{next(_ids)}"
-    ad = engine.create_adapter(aid, QWEN, AdapterConfig(**cfg))
-    g = torch.Generator().manual_seed(cfg.get("seed", 0) + 500)
-    with torch.no_grad():  # PEFT init has B = 0, which would make lora_A's grads 0
-        for pair in ad.pairs.values():
-            pair.lora_B.copy_(torch.randn(pair.lora_B.shape, generator=g) * 0.05)
-    return aid, ad
-
-
-def datum(rng, n):
-    tokens = rng.integers(0, 4000, n + 1)
-    return EngineDatum(tokens[:-1].copy(), {
-        "target_tokens": tokens[1:].copy(), "weights": rng.uniform(-1, 1, n).astype(np.float32)})
 
 
 def test_planner_packs_rows_under_the_budget():
@@ -91,19 +73,6 @@ def _run(engine, items, backward, **settings):
     return results
 
 
-def _assert_same_outcomes(got, want):
-    """(results, grads per adapter) of two layouts agree: losses, logprobs, gradients."""
-    (got_res, got_grads), (want_res, want_grads) = got, want
-    for a, b in zip(got_res, want_res):
-        assert a.metrics["loss:sum"] == pytest.approx(b.metrics["loss:sum"], rel=1e-5)
-        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
-            np.testing.assert_allclose(lp_a, lp_b, rtol=0, atol=1e-5)
-    for ga, gb in zip(got_grads, want_grads):
-        for a, b in zip(ga, gb):
-            assert b.norm() > 0
-            assert float((a - b).norm() / b.norm()) <= 1e-5
-
-
 def test_padded_rows_equal_one_row_layout(engine):
     rng = np.random.default_rng(7)
     adapters = [
@@ -112,7 +81,7 @@ def test_padded_rows_equal_one_row_layout(engine):
         make_adapter(engine, rank=2, seed=3, train_attn=False),
     ]
     lengths = [[21, 6, 13], [9, 21, 4], [17, 11]]
-    items = [ForwardItem(aid, [datum(rng, n) for n in ns]) for (aid, _), ns in zip(adapters, lengths)]
+    items = [ForwardItem(aid, [random_datum(rng, n) for n in ns]) for (aid, _), ns in zip(adapters, lengths)]
     all_lengths = [n for ns in lengths for n in ns]
     slots = [ad.slot for (_, ad), ns in zip(adapters, lengths) for _ in ns]
     # the default layout really is several padded rows; the reference really is one row
@@ -126,7 +95,7 @@ def test_padded_rows_equal_one_row_layout(engine):
         outcomes.append((results, [[p.grad.clone() for p in ad.parameters()] for _, ad in adapters]))
         for _, ad in adapters:
             ad.optimizer.zero_grad()
-    _assert_same_outcomes(*outcomes)
+    assert_same_outcomes(*outcomes)
 
 
 def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(engine, monkeypatch):
@@ -136,8 +105,8 @@ def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(en
 
     rng = np.random.default_rng(9)
     adapters = [make_adapter(engine, rank=4, seed=21), make_adapter(engine, rank=8, seed=22)]
-    items = [ForwardItem(adapters[0][0], [datum(rng, 10), datum(rng, 8)]),
-             ForwardItem(adapters[1][0], [datum(rng, 9), datum(rng, 7)])]
+    items = [ForwardItem(adapters[0][0], [random_datum(rng, 10), random_datum(rng, 8)]),
+             ForwardItem(adapters[1][0], [random_datum(rng, 9), random_datum(rng, 7)])]
     masks_built = []
     real_mask = engine_module.sdpa_document_mask
     monkeypatch.setattr(engine_module, "sdpa_document_mask",
@@ -149,7 +118,7 @@ def test_one_sequence_per_row_takes_plain_causal_attention_and_equals_one_row(en
         for _, ad in adapters:
             ad.optimizer.zero_grad()
         assert len(masks_built) == (0 if row_length is None else 1)
-    _assert_same_outcomes(*outcomes)
+    assert_same_outcomes(*outcomes)
 
 
 def test_flex_attention_equals_sdpa_mask(engine):
@@ -157,8 +126,8 @@ def test_flex_attention_equals_sdpa_mask(engine):
     rng = np.random.default_rng(8)
     adapters = [make_adapter(engine, rank=4, seed=11), make_adapter(engine, rank=8, seed=12, train_mlp=False)]
     items = [
-        ForwardItem(adapters[0][0], [datum(rng, n) for n in (19, 5, 8)]),
-        ForwardItem(adapters[1][0], [datum(rng, n) for n in (12, 7)]),
+        ForwardItem(adapters[0][0], [random_datum(rng, n) for n in (19, 5, 8)]),
+        ForwardItem(adapters[1][0], [random_datum(rng, n) for n in (12, 7)]),
     ]
     # several sequences per row, padding, and two micro-batches
     sdpa = _run(engine, items, False, row_length=24, token_budget=48)
@@ -179,7 +148,7 @@ def test_flex_attention_gradients_equal_sdpa_mask_on_cuda():
     e.load_model(QWEN)
     rng = np.random.default_rng(9)
     aid, ad = make_adapter(e, rank=4, seed=21)
-    items = [ForwardItem(aid, [datum(rng, n) for n in (40, 9, 17)])]
+    items = [ForwardItem(aid, [random_datum(rng, n) for n in (40, 9, 17)])]
     outcomes = []
     for attention in ("flex", "sdpa_mask"):
         res = _run(e, items, True, attention=attention)
