@@ -57,7 +57,6 @@ class Adapter:
     pairs: dict[str, LoRAPair]  # module path -> weights
     trainable: bool
     optimizer: Optional[AdapterOptimizer] = None
-    resident: bool = True  # on the engine's device (else parked on the offload device)
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.lora_A, pair.lora_B)]
@@ -224,20 +223,17 @@ class Engine:
     def park(self, adapter_id: str) -> None:
         """Move an adapter (weights, grads, AdamW state) to the offload device now."""
         adapter = self.adapter(adapter_id)
-        if adapter.resident:
+        if adapter_id in self._lru:  # resident: the LRU order holds exactly the resident ones
             adapter.move_to(self.offload_device)
-            adapter.resident = False
-            self._lru.pop(adapter_id, None)
+            del self._lru[adapter_id]
             self.offload_count += 1
 
     def _use(self, adapter_ids) -> None:
         """Bring the adapters a pass needs onto the device, then evict beyond the limit."""
         needed = [a for a in dict.fromkeys(adapter_ids) if a is not None]
         for adapter_id in needed:
-            adapter = self.adapters[adapter_id]
-            if not adapter.resident:
-                adapter.move_to(self.device)
-                adapter.resident = True
+            if adapter_id not in self._lru:  # parked: bring it back
+                self.adapters[adapter_id].move_to(self.device)
                 self.restore_count += 1
             self._lru[adapter_id] = None
             self._lru.move_to_end(adapter_id)
