@@ -13,43 +13,18 @@ import numpy as np
 from . import types, wire
 from .errors import InvalidRequestError
 from .futures import APIFuture, map_future
-from .types import LOSS_CONFIG_KEYS, LOSS_INPUTS
 
 Listener = Callable[[int, str, dict], None]
 
 
 def validate_forward(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: Optional[dict]) -> None:
     """Raise InvalidRequestError (with `where`, e.g. data[2].loss_fn_inputs.weights) for what
-    can be told wrong without the model, against the loss table in types (LOSS_INPUTS,
-    LOSS_CONFIG_KEYS): a bad datum fails at once, without a round trip. The server checks
-    the same again (and what needs the model: vocab, context)."""
-    if loss_fn not in LOSS_INPUTS:
-        raise InvalidRequestError(f"unknown loss_fn {loss_fn!r}; choose one of {', '.join(LOSS_INPUTS)}",
-                                  "loss_fn")
-    unknown = sorted(set(loss_fn_config or {}) - set(LOSS_CONFIG_KEYS[loss_fn]))
-    if unknown:
-        raise InvalidRequestError(f"loss_fn_config keys {unknown} are not used by {loss_fn} (it reads "
-                                  f"{list(LOSS_CONFIG_KEYS[loss_fn]) or 'none'})", "loss_fn_config")
-    if not data:
-        raise InvalidRequestError("data is empty: pass at least one Datum", "data")
-    for i, datum in enumerate(data):
-        n = datum.model_input.length
-        if n == 0:
-            raise InvalidRequestError("model_input is empty", f"data[{i}].model_input")
-        for name in ("target_tokens", *LOSS_INPUTS[loss_fn]):
-            if name not in datum.loss_fn_inputs:
-                raise InvalidRequestError(f"{loss_fn} needs loss_fn_inputs[{name!r}]",
-                                          f"data[{i}].loss_fn_inputs.{name}")
-        for name, tensor in datum.loss_fn_inputs.items():
-            where = f"data[{i}].loss_fn_inputs.{name}"
-            array = tensor.to_numpy()
-            if array.shape != (n,):
-                raise InvalidRequestError(
-                    f"{name} has shape {list(array.shape)}, expected [{n}] (the model_input's length: "
-                    "position i predicts target i)", where)
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise InvalidRequestError(f"{name} contains NaN or inf (first at position "
-                                          f"{int(np.flatnonzero(~np.isfinite(array))[0])})", where)
+    can be told wrong without the model (types.loss_request_problem): a bad datum fails at
+    once, without a round trip. The server checks the same again, and what needs the model."""
+    problem = types.loss_request_problem(loss_fn, loss_fn_config, [
+        (d.model_input.length, {name: t.to_numpy() for name, t in d.loss_fn_inputs.items()}) for d in data])
+    if problem is not None:
+        raise InvalidRequestError(*problem)
 
 
 class TrainingClient:

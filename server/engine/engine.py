@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from workbench.types import LOSS_INPUTS, loss_request_problem
+
 from . import losses as L
 from .lora import LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
@@ -273,55 +275,29 @@ class Engine:
         `base_name` is the base model of an item without an adapter (adapter_id None); an
         item with an adapter is checked against that adapter's base.
         """
-        if item.loss_fn not in L.LOSSES:
-            raise EngineInputError(
-                f"unknown loss_fn {item.loss_fn!r}; choose one of {', '.join(L.LOSSES)}", "loss_fn"
-            )
-        unknown = set(item.loss_fn_config) - set(L.CONFIG_KEYS[item.loss_fn])
-        if unknown:
-            raise EngineInputError(
-                f"loss_fn_config keys {sorted(unknown)} are not used by {item.loss_fn} "
-                f"(it reads {list(L.CONFIG_KEYS[item.loss_fn]) or 'none'})", "loss_fn_config"
-            )
-        if item.loss_fn == "dro" and "beta" not in item.loss_fn_config:
-            raise EngineInputError("the dro loss needs loss_fn_config['beta']", "loss_fn_config")
+        problem = loss_request_problem(item.loss_fn, item.loss_fn_config,
+                                       [(len(d.tokens), d.inputs) for d in item.data])
+        if problem is not None:
+            raise EngineInputError(*problem)
         base_name = self.adapter(item.adapter_id).base if item.adapter_id else base_name
-        base = self.bases[base_name] if base_name else None
-        if not item.data:
-            raise EngineInputError("data is empty", "data")
-        required = ("target_tokens", *L.REQUIRED_INPUTS[item.loss_fn])
-        for i, datum in enumerate(item.data):
+        if not base_name:
+            return
+        base = self.bases[base_name]
+        for i, datum in enumerate(item.data):  # what needs the model: context and vocabulary
             n = len(datum.tokens)
-            if n == 0:
-                raise EngineInputError("model_input is empty", f"data[{i}].model_input")
-            if base is not None:
-                if n > base.max_length:
-                    raise EngineInputError(
-                        f"sequence of {n} tokens exceeds the model's context of {base.max_length}",
-                        f"data[{i}].model_input",
-                    )
-                bad = (datum.tokens < 0) | (datum.tokens >= base.vocab_size)
-                if bad.any():
-                    raise EngineInputError(
-                        f"token id {int(datum.tokens[bad][0])} is outside the vocabulary "
-                        f"[0, {base.vocab_size})", f"data[{i}].model_input",
-                    )
-            for name in required:
-                if name not in datum.inputs:
-                    raise EngineInputError(
-                        f"{item.loss_fn} needs loss_fn_inputs[{name!r}]", f"data[{i}].loss_fn_inputs.{name}"
-                    )
-            for name, array in datum.inputs.items():
-                where = f"data[{i}].loss_fn_inputs.{name}"
-                if array.shape != (n,):
-                    raise EngineInputError(
-                        f"{name} has shape {list(array.shape)}, expected [{n}] "
-                        f"(the model_input's length)", where,
-                    )
-                if array.dtype.kind == "f" and not np.isfinite(array).all():
-                    raise EngineInputError(f"{name} contains NaN or inf", where)
+            if n > base.max_length:
+                raise EngineInputError(
+                    f"sequence of {n} tokens exceeds the model's context of {base.max_length}",
+                    f"data[{i}].model_input",
+                )
+            bad = (datum.tokens < 0) | (datum.tokens >= base.vocab_size)
+            if bad.any():
+                raise EngineInputError(
+                    f"token id {int(datum.tokens[bad][0])} is outside the vocabulary "
+                    f"[0, {base.vocab_size})", f"data[{i}].model_input",
+                )
             targets = datum.inputs["target_tokens"]
-            if base is not None and ((targets < 0) | (targets >= base.vocab_size)).any():
+            if ((targets < 0) | (targets >= base.vocab_size)).any():
                 raise EngineInputError(
                     f"target token outside the vocabulary [0, {base.vocab_size})",
                     f"data[{i}].loss_fn_inputs.target_tokens",
@@ -398,7 +374,7 @@ class Engine:
                         name: torch.from_numpy(np.concatenate([
                             np.asarray(item.data[seqs[q.key][1]].inputs[name], np.float32) for q in members
                         ])).to(base.device)
-                        for name in L.REQUIRED_INPUTS[item.loss_fn]
+                        for name in LOSS_INPUTS[item.loss_fn]
                     }
                     loss = L.LOSSES[item.loss_fn](lp, inputs, item.loss_fn_config)
                     total = total + loss

@@ -21,11 +21,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# What each loss needs besides target_tokens, and which config keys it reads (one table,
-# shared with the client's validation).
-from workbench.types import LOSS_CONFIG_KEYS as CONFIG_KEYS
-from workbench.types import LOSS_INPUTS as REQUIRED_INPUTS
-
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
 DEFAULT_CLIP_LOW, DEFAULT_CLIP_HIGH = 0.8, 1.2
