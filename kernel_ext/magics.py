@@ -274,10 +274,7 @@ class TinkerMagics(Magics):
         return _table(["model"], [[m.model_name] for m in models], "wb-models")
 
     def _rest(self) -> Any:
-        service = self._service()
-        if not hasattr(service, "create_rest_client"):
-            raise UsageError("this workbench SDK has no RestClient yet (ServiceClient.create_rest_client)")
-        return service.create_rest_client()
+        return self._service().create_rest_client()
 
     def _cmd_runs(self, args: argparse.Namespace) -> TextView:
         reply = self._rest().list_training_runs().result()
@@ -351,25 +348,19 @@ class TinkerMagics(Magics):
 
     @staticmethod
     def _render_conversation(messages: list, renderer_name: Optional[str], tokenizer: Any) -> Any:
-        from workbench import types
+        from workbench.data import conversation_to_datum
+        from workbench.renderers import get_renderer
 
         if not renderer_name:
             raise UsageError("%tinker inspect: a conversation needs --renderer NAME")
         try:
-            from workbench.renderers import get_renderer
-        except ImportError:
-            raise UsageError("%tinker inspect: this workbench SDK has no workbench.renderers yet") from None
-        try:
             renderer = get_renderer(renderer_name, tokenizer)
         except (KeyError, ValueError) as exc:
             raise UsageError(f"%tinker inspect: renderer {renderer_name!r}: {exc}") from None
-        model_input, weights = renderer.build_supervised_example(messages)
-        tokens = model_input.to_ints()
-        weights = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
-        if len(weights) != len(tokens):
-            raise UsageError(f"renderer {renderer_name!r} gave {len(weights)} weights for {len(tokens)} tokens")
-        return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                           loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
+        try:
+            return conversation_to_datum(messages, renderer)
+        except ValueError as exc:  # e.g. no assistant message to train on
+            raise UsageError(f"%tinker inspect: renderer {renderer_name!r}: {exc}") from None
 
     def _cmd_step(self, args: argparse.Namespace) -> Any:
         from .widgets import StepPanel

@@ -21,7 +21,7 @@ from .types import Datum, ModelInput
 
 __all__ = [
     "SupervisedDataset", "conversation_to_datum", "datum_from_model_input_weights",
-    "load_conversations_jsonl", "parse_conversation",
+    "full_sequence", "load_conversations_jsonl", "parse_conversation", "target_logprobs",
 ]
 
 
@@ -97,6 +97,16 @@ def full_sequence(datum: Datum, where: str = "datum") -> ModelInput:
         raise ValueError(f"{where} is not next-token shifted (target_tokens != input[1:] + "
                          "[last]); compute_logprobs can only score such datums, use a TrainingClient")
     return ModelInput.from_ints(tokens + targets[-1:])
+
+
+def target_logprobs(client, data: Sequence[Datum], where: str = "data") -> list[list[float]]:
+    """Per next-token datum, a sampling client's logprob of each target token.
+
+    Every compute_logprobs call is submitted before any is awaited, so the server scores
+    them in one cycle. Entry 0 of each reply (token 0, which nothing predicts) is dropped.
+    """
+    futures = [client.compute_logprobs(full_sequence(d, f"{where}[{i}]")) for i, d in enumerate(data)]
+    return [f.result()[1:] for f in futures]
 
 
 def conversation_to_datum(

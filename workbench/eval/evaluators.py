@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Protocol, Sequence
 
-from ..data import full_sequence
+from ..data import target_logprobs
 from ..renderers.base import Message, Renderer
 from ..types import Datum, SamplingParams
 
@@ -67,8 +67,7 @@ class NLLEvaluator(TrainingClientEvaluator):
             out = client.forward(self.datums, "cross_entropy").result()
             logprobs = [o["logprobs"].tolist() for o in out.loss_fn_outputs]
         else:
-            futures = [client.compute_logprobs(full_sequence(d, f"datums[{i}]")) for i, d in enumerate(self.datums)]
-            logprobs = [f.result()[1:] for f in futures]  # [0] is None: nothing predicts token 0
+            logprobs = target_logprobs(client, self.datums, "datums")
         return self.metrics_from_logprobs(logprobs)
 
     def metrics_from_logprobs(self, logprobs: list[list[float]]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..data import SupervisedDataset, conversation_to_datum, full_sequence
+from ..data import SupervisedDataset, conversation_to_datum, target_logprobs
 from ..types import AdamParams, Datum
 from . import common
 
@@ -57,10 +57,10 @@ def reference_logprobs(reference, pairs) -> list[tuple[float, float]]:
     """Per pair, (ref log p(chosen), ref log p(rejected)); all calls submitted, then awaited."""
     import torch
 
-    futures = [(reference.compute_logprobs(full_sequence(c)), reference.compute_logprobs(full_sequence(r)))
-               for c, r in pairs]
-    return [tuple(float(response_logprob(torch.tensor(f.result()[1:]), d))
-                  for f, d in zip(fs, pair)) for fs, pair in zip(futures, pairs)]
+    data = [d for pair in pairs for d in pair]
+    scores = [float(response_logprob(torch.tensor(lps), d))
+              for lps, d in zip(target_logprobs(reference, data, "pairs"), data)]
+    return list(zip(scores[0::2], scores[1::2]))
 
 
 def dpo_loss_fn(ref_pairs: list[tuple[float, float]], beta: float):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Optional, TypedDict
 
 from ..types import ModelInput
@@ -212,7 +213,7 @@ class EndOfTurnTokenRenderer(Renderer):
 
     end_of_turn_text: str
 
-    @property
+    @cached_property  # read for every sampled response: encode the text once per renderer
     def _end_of_turn(self) -> int:
         return self._single_token(self.end_of_turn_text)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..data import full_sequence
+from ..data import target_logprobs
 from ..types import Datum
 from .types import TrajectoryGroup
 
@@ -51,12 +51,12 @@ def add_kl_penalty(
     import numpy as np
 
     data = list(data)
-    futures = [reference_client.compute_logprobs(full_sequence(d)) for d in data]
+    references = target_logprobs(reference_client, data)
     shaped, diff_sum, n_tokens = [], 0.0, 0.0
-    for datum, future in zip(data, futures):
+    for datum, reference in zip(data, references):
         inputs = datum.loss_fn_inputs
         mask_T = inputs["mask"].to_numpy()
-        ref_T = np.asarray(future.result()[1:], dtype=np.float64)  # [0] is None: no prefix
+        ref_T = np.asarray(reference, dtype=np.float64)
         assert ref_T.shape == mask_T.shape, (ref_T.shape, mask_T.shape)
         diff_T = (inputs["logprobs"].to_numpy() - ref_T) * mask_T
         diff_sum += float(diff_T.sum())
