@@ -195,46 +195,38 @@ def autosave(runner, log) -> list[str]:
     paths = []
     for run in list(runner.runs.values()):
         try:
-            tensors, peft_config = runner.engine.export_adapter(run.run_id)
-            optimizer = runner.engine.optimizer_state(run.run_id)
-            paths.append(runner.store.save_checkpoint(
-                run.tenant, run.run_id, "weights", AUTOSAVE_NAME, tensors, peft_config, optimizer))
+            paths.append(runner.save(run, AUTOSAVE_NAME, with_optimizer=True))
         except Exception as exc:  # one run that cannot be saved must not lose the others
             log(f"autosave of {run.run_id} failed: {type(exc).__name__}: {exc}")
     return paths
 
 
 class Parking:
-    """Park/unpark requests from the session book (frontend threads), applied on the engine
-    thread at the start of the next cycle (the engine is only ever touched by that thread).
-    Ids are engine adapter ids: training runs, and samplers on a checkpoint."""
+    """Park requests from the session book (frontend threads), applied on the engine thread
+    at the start of the next cycle (the engine is only ever touched by that thread). Ids are
+    engine adapter ids: training runs, and samplers on a checkpoint. Unparking needs nothing
+    here: the engine brings a parked adapter back by itself on its next use."""
 
     def __init__(self, engine):
         import queue
 
         self.engine = engine
-        self.pending: "queue.Queue[tuple[str, list[str]]]" = queue.Queue()
+        self.pending: "queue.Queue[list[str]]" = queue.Queue()
 
     def park(self, run_ids: list[str]) -> None:
-        self.pending.put(("park", run_ids))
-
-    def unpark(self, run_ids: list[str]) -> None:
-        self.pending.put(("unpark", run_ids))
+        self.pending.put(run_ids)
 
     def apply(self) -> None:
         import queue
 
         while True:
             try:
-                action, run_ids = self.pending.get_nowait()
+                run_ids = self.pending.get_nowait()
             except queue.Empty:
                 return
-            # The engine has park; it brings a parked adapter back by itself on its next use,
-            # so without an `unpark` method an unpark is only book-keeping.
-            method = getattr(self.engine, action, None)
             for run_id in run_ids:
-                if method is not None and run_id in self.engine.adapters:
-                    method(run_id)
+                if run_id in self.engine.adapters:  # removed since (a reload replaces it)
+                    self.engine.park(run_id)
 
 
 class Capabilities:
@@ -317,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sessions import Sessions
     from .store import Store
     from workbench.errors import ServerError
+    from workbench.local import READY_PREFIX
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # Before the engine starts, so a bad key file fails in a second, not after model loading.
@@ -337,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parking = Parking(engine)
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
     # One book of client sessions for both frontends; its events go out on the PUB socket.
-    sessions = Sessions(args.session_timeout, on_park=parking.park, on_unpark=parking.unpark,
+    sessions = Sessions(args.session_timeout, on_park=parking.park,
                         publish=lambda event: frontend.publish("session", event))
     frontend = Frontend(
         scheduler, keys,
@@ -392,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=shut_down, name="shutdown", daemon=True).start()
 
     log(f"store {store.root}, device {engine.device}, events {frontend.events_url}")
-    ready = f"workbench-server ready url={url}"  # clients parse this start: keep it first
+    ready = f"{READY_PREFIX}{url}"  # clients parse this start (parse_ready_line): keep it first
     if curve_secret is not None:
         import zmq
 

@@ -275,12 +275,7 @@ class Frontend:
             raise InvalidRequestError("heartbeat needs argument 'session_id' (a string)", "session_id")
         if session is not None and not isinstance(session, str):
             raise InvalidRequestError("session_id must be a string", "session_id")
-        if session:
-            return self.sessions.touch(tenant, session)
-        for name in ("model_id", "sampler_id"):
-            if isinstance(args.get(name), str):
-                return self.sessions.touch_member(tenant, args[name])
-        return None
+        return self.sessions.touch_request(tenant, args)
 
     def _joining_session(self, tenant: str, session: Optional[str], kind: str, done: Callable) -> Callable:
         """Wrap a create reply so that the new run or sampler joins its session (its own

@@ -133,10 +133,8 @@ class CycleRunner:
         return self._created(run_id)
 
     def _create_from_state(self, tenant: str, uri: str, optimizer: bool) -> dict:
-        src_run, _, _ = parse_checkpoint_path(uri)
-        meta = self.store.run_meta(src_run, tenant)
+        meta, config = self._checkpoint_run(uri, tenant)
         tensors, _, optimizer_state = self.store.load_checkpoint(uri, tenant)
-        config = AdapterConfig(**meta["lora"])
         run_id = self._new_run(tenant, meta["base_model"], config, meta.get("user_metadata"))
         self.engine.import_adapter(run_id, meta["base_model"], config, tensors, trainable=True,
                                    optimizer_state=optimizer_state if optimizer else None)
@@ -164,10 +162,8 @@ class CycleRunner:
         sampler_id = "sampler-" + secrets.token_hex(6)
         if args.get("model_path"):
             uri = args["model_path"]
-            run_id, _, _ = parse_checkpoint_path(uri)
-            meta = self.store.run_meta(run_id, tenant)
-            tensors, peft_config, _ = self.store.load_checkpoint(uri, tenant)
-            config = AdapterConfig(**{**meta["lora"]})
+            meta, config = self._checkpoint_run(uri, tenant)
+            tensors, _, _ = self.store.load_checkpoint(uri, tenant)
             self.engine.import_adapter(sampler_id, meta["base_model"], config, tensors, trainable=False)
             self.samplers[sampler_id] = Sampler(sampler_id, tenant, meta["base_model"], sampler_id)
             return {"sampler_id": sampler_id, "base_model": meta["base_model"]}
@@ -421,23 +417,30 @@ class CycleRunner:
         if work.op == "load_state":
             return self._load_state(run, work)
         name = check_name(work.args.get("name") or f"step-{secrets.token_hex(3)}")
+        return {"path": self.save(run, name, with_optimizer=work.op == "save_state")}
+
+    def save(self, run: Run, name: str, with_optimizer: bool) -> str:
+        """Store a run's adapter as a checkpoint: a training state (weights + AdamW state,
+        wb://<run>/weights/<name>) or, without the optimizer, sampler weights; its path."""
         tensors, peft_config = self.engine.export_adapter(run.run_id)
-        if work.op == "save_state":
-            optimizer = self.engine.optimizer_state(run.run_id)
-            path = self.store.save_checkpoint(run.tenant, run.run_id, "weights", name, tensors, peft_config, optimizer)
-        else:
-            path = self.store.save_checkpoint(run.tenant, run.run_id, "sampler_weights", name, tensors, peft_config)
-        return {"path": path}
+        if not with_optimizer:
+            return self.store.save_checkpoint(run.tenant, run.run_id, "sampler_weights", name, tensors, peft_config)
+        optimizer = self.engine.optimizer_state(run.run_id)
+        return self.store.save_checkpoint(run.tenant, run.run_id, "weights", name, tensors, peft_config, optimizer)
+
+    def _checkpoint_run(self, uri: str, tenant: str) -> tuple[dict, AdapterConfig]:
+        """The stored record of the run a checkpoint path belongs to (NotFound for another
+        tenant's), and that run's LoRA config, which the checkpoint's tensors have."""
+        meta = self.store.run_meta(parse_checkpoint_path(uri)[0], tenant)
+        return meta, AdapterConfig(**meta["lora"])
 
     def _load_state(self, run: Run, work: Work) -> dict:
         uri = work.args["path"]
-        src_run, _, _ = parse_checkpoint_path(uri)
-        meta = self.store.run_meta(src_run, work.tenant)
+        meta, config = self._checkpoint_run(uri, work.tenant)
         if meta["base_model"] != run.base_model:
             raise InvalidRequestError(
                 f"checkpoint is for base model {meta['base_model']!r}, this run uses {run.base_model!r}", "path")
         tensors, _, optimizer = self.store.load_checkpoint(uri, work.tenant)
-        config = AdapterConfig(**meta["lora"])
         if config.rank != run.config.rank:
             raise InvalidRequestError(f"checkpoint has rank {config.rank}, this run has {run.config.rank}", "path")
         self.engine.remove_adapter(run.run_id)

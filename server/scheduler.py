@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from workbench.errors import QueueFullError, ServerError, WorkbenchError
+from workbench.errors import InvalidRequestError, QueueFullError, ServerError, WorkbenchError
 
 PHASES = {
     "create_model": 0, "create_sampling_session": 0, "get_tokenizer": 0,
@@ -288,9 +288,7 @@ def _collect_metrics(plan: CyclePlan) -> dict[str, dict[str, dict]]:
 
 
 def as_error(exc: BaseException) -> WorkbenchError:
-    from workbench.errors import InvalidRequestError, ServerError
-
-    from .engine.engine import EngineInputError
+    from .engine.engine import EngineInputError  # not at the top: the books need no torch
 
     if isinstance(exc, WorkbenchError):
         return exc

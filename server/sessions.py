@@ -99,6 +99,18 @@ class Sessions:
             self._alive(key, self._sessions[key])
             return key
 
+    def touch_request(self, tenant: str, args: dict) -> Optional[Key]:
+        """A sign of life of the session a request belongs to: the one its `session_id`
+        names, else the one holding its `model_id` or `sampler_id`; None when it names no
+        known session. Both frontends call this for every request they queue."""
+        session_id = args.get("session_id")
+        if isinstance(session_id, str) and session_id:
+            return self.touch(tenant, session_id)
+        for name in ("model_id", "sampler_id"):
+            if isinstance(args.get(name), str):
+                return self.touch_member(tenant, args[name])
+        return None
+
     def _alive(self, key: Key, session: _Session) -> None:
         session.seen = self.clock()
         if session.parked:

@@ -289,7 +289,7 @@ class TinkerGateway:
                 future.set_exception(error) if error is not None else future.set_result(result)
 
         def done(result: Any, error: Optional[BaseException]) -> None:  # on the engine thread
-            self._alive(tenant, args)  # a long request's end is a sign of life, as on ZeroMQ
+            self.sessions.touch_request(tenant, args)  # a long request's end is a sign of life
             try:
                 loop.call_soon_threadsafe(resolve, result, error)
             except RuntimeError:
@@ -338,14 +338,6 @@ class TinkerGateway:
             raise NotFoundError(f"model {model_id!r} not found (create it with create_model first)", "model_id")
         self.sessions.touch_member(tenant, model.run_id)
         return model
-
-    def _alive(self, tenant: str, args: dict) -> None:
-        """A sign of life of the session a queued op belongs to (named, or via its run or sampler)."""
-        if isinstance(args.get("session_id"), str):
-            self.sessions.touch(tenant, args["session_id"])
-        for name in ("model_id", "sampler_id"):
-            if isinstance(args.get(name), str):
-                self.sessions.touch_member(tenant, args[name])
 
     async def _in_turn(self, model_id: str, seq_id: Any, submit: Callable[[], "asyncio.Future"]) -> Any:
         """Submit in the model's seq_id order, then wait for the result."""

@@ -72,6 +72,26 @@ def test_a_member_without_a_session_is_a_session_of_its_own():
         s.attach("t", None, "x", kind="model")
 
 
+def test_a_request_is_a_sign_of_life_of_the_session_it_names_or_its_run_or_samplers():
+    """touch_request, the one rule both frontends apply to every request they queue."""
+    book = Book(timeout=10)
+    s = book.sessions
+    s.attach("alice", "nb-1", "run-a")
+    s.attach("alice", "nb-2", "sampler-x", kind="sampler")
+    book.later(10)
+    assert sorted(s.sweep()) == [("alice", "nb-1"), ("alice", "nb-2")]
+    assert s.touch_request("alice", {"model_id": "run-a", "data": []}) == ("alice", "nb-1")
+    assert not s.is_parked("alice", "nb-1") and s.is_parked("alice", "nb-2")
+    assert s.touch_request("alice", {"sampler_id": "sampler-x"}) == ("alice", "nb-2")
+    assert not s.is_parked("alice", "nb-2")
+    # A named session wins over members; unknown, foreign or missing names touch nothing.
+    assert s.touch_request("alice", {"session_id": "nb-3", "model_id": "run-a"}) == ("alice", "nb-3")
+    assert s.touch_request("bob", {"model_id": "run-a"}) is None
+    assert s.touch_request("alice", {"model_id": "run-zzz"}) is None
+    assert s.touch_request("alice", {"session_id": "", "base_model": "tiny-qwen3"}) is None
+    assert [c[0] for c in book.calls] == ["park", "park", "unpark", "unpark"]
+
+
 def test_silent_sessions_without_members_are_forgotten_not_parked():
     book = Book(timeout=1)
     s = book.sessions

@@ -15,6 +15,7 @@ import time
 
 import workbench as wb
 from workbench import types
+from workbench.data import datum_from_model_input_weights
 
 FACTS = {
     "apple": "red", "sky": "blue", "grass": "green", "snow": "white",
@@ -35,11 +36,8 @@ def build_datum(tokenizer, messages: list[dict]) -> types.Datum:
     full = tokenizer.apply_chat_template(messages, return_dict=False)
     assert full[: len(prompt)] == prompt, "the chat template must extend the prompt"
     weights = [0.0] * len(prompt) + [1.0] * (len(full) - len(prompt))
-    # Next-token alignment: input position i predicts token i + 1.
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(full[:-1]),
-        loss_fn_inputs={"target_tokens": full[1:], "weights": weights[1:]},
-    )
+    # Next-token alignment (input position i predicts token i + 1), as the recipes do it.
+    return datum_from_model_input_weights(types.ModelInput.from_ints(full), weights)
 
 
 def main(argv: list[str] | None = None) -> None:
