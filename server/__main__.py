@@ -272,14 +272,9 @@ def _model_card(name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .tiny import TINY_MODEL_NAMES, tiny_model_dir
+    from .engine.models import model_source
 
-    if name in TINY_MODEL_NAMES:
-        source, kwargs = str(tiny_model_dir(name)), {}
-    elif Path(os.path.expanduser(name)).is_dir():
-        source, kwargs = os.path.expanduser(name), {}
-    else:
-        source, kwargs = name, {"local_files_only": True}
+    source, kwargs = model_source(name)
     config = AutoConfig.from_pretrained(source, **kwargs)
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = AutoModelForCausalLM.from_config(config)

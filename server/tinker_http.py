@@ -713,11 +713,6 @@ def tokenizer_id(name: str) -> str:
     """What get_info reports as model_data.tokenizer_id: a local directory the client's
     AutoTokenizer can load offline (built-in tiny models, local model directories), else
     the hub id itself (then the client needs it in its own cache)."""
-    import os
+    from .engine.models import model_source
 
-    from .tiny import TINY_MODEL_NAMES, tiny_model_dir
-
-    if name in TINY_MODEL_NAMES:
-        return str(tiny_model_dir(name))
-    expanded = os.path.expanduser(name)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else name
+    return model_source(name)[0]

@@ -81,6 +81,18 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
+def model_source(name: str) -> tuple[str, dict]:
+    """(source, from_pretrained kwargs) that transformers loads `name` from, never over the
+    network: a built-in tiny model's directory, a local directory (absolute), or a hub id
+    read from the local cache only (`local_files_only`)."""
+    if name in tiny.TINY_MODEL_NAMES:
+        return str(tiny.tiny_model_dir(name)), {}
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return os.path.abspath(local), {}
+    return name, {"local_files_only": True}
+
+
 def load_base_model(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,14 +101,11 @@ def load_base_model(name: str, device: torch.device, dtype: Optional[torch.dtype
         model = tiny.build_tiny_model(name, dtype=dtype, device=str(device))
         tokenizer = tiny.load_tiny_tokenizer(name)
     else:
-        local = Path(os.path.expanduser(name))
-        if local.is_dir():
-            if not (local / "config.json").exists():
+        source, kwargs = model_source(name)
+        if not kwargs:  # a local directory
+            if not (Path(source) / "config.json").exists():
                 raise ValueError(f"{name!r} is a directory but holds no config.json")
-            source, kwargs = str(local), {}
-        elif name.count("/") == 1 and name in cached_hub_models():
-            source, kwargs = name, {"local_files_only": True}
-        else:
+        elif not (name.count("/") == 1 and name in cached_hub_models()):
             raise _unknown_model_error(name)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation="sdpa", **kwargs
