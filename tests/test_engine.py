@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from server.engine import losses
 from server.engine.engine import AdapterConfig, Engine, EngineDatum, EngineInputError, ForwardItem, ForwardResult
 from server.engine.lora import LoRARouting
 from server.engine.packing import plan_micro_batches
@@ -241,6 +242,31 @@ def test_micro_batches_and_logprob_chunks_match_one_pass(engine):
         assert r2.metrics["loss:sum"] == pytest.approx(r1.metrics["loss:sum"], rel=1e-5, abs=1e-5)
     assert_grads_close(many_grads["a"], one_grads["a"])
     assert_grads_close(many_grads["b"], one_grads["b"])
+
+
+def test_head_sees_one_chunk_at_a_time_and_only_the_last_is_kept_for_backward(engine, monkeypatch):
+    """Target logprobs never put more than `logprob_chunk` tokens through the (vocab-sized)
+    head; with gradients every chunk but the last is recomputed in backward (checkpointed),
+    the last keeps its activations (backward starts there: nothing to save by recomputing)."""
+    rng = np.random.default_rng(9)
+    aid, ad = new_adapter(engine, rank=4, seed=21)
+    item = ForwardItem(aid, [datum(rand_seq(rng, n)) for n in (14, 9, 11)])  # 31 target tokens
+    rows = []  # tokens per call of the head's chunk function (forward and recompute)
+    chunk_logprobs = losses._chunk_logprobs
+    monkeypatch.setattr(losses, "_chunk_logprobs",
+                        lambda head, hidden, *rest: rows.append(hidden.shape[0]) or chunk_logprobs(head, hidden, *rest))
+    old = engine.logprob_chunk
+    engine.logprob_chunk = 8
+    try:
+        for backward in (False, True):
+            rows.clear()
+            ok(engine.forward([item], backward=backward)[0])
+            assert max(rows) <= 8
+            chunks = -(-31 // 8)
+            assert len(rows) == (2 * chunks - 1 if backward else chunks)
+    finally:
+        engine.logprob_chunk = old
+        zero_grads(ad)
 
 
 # ------------------------------------------------- 2. several adapters in one packed pass

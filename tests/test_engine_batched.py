@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.engine.engine import AdapterConfig, Engine, EngineInputError, ForwardItem, ForwardResult
-from server.engine.lora import MultiLoRALinear
+from server.engine.lora import MultiLoRALinear, init_lora_pair
 from server.engine.sampler import SampleRequest, generate
 
 from engine_helpers import QWEN, adapter_maker, assert_same_outcomes, grads, layer_with_adapters, random_datum
@@ -50,6 +50,56 @@ def test_grouped_lora_layer_equals_loop_with_gaps_and_unordered_spans():
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
         assert (outs[0] != layer.base(x)).any()  # the adapters did something
         for a, b in zip(grad_sets[1], grad_sets[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_function_equals_autograd_of_peft_arithmetic():
+    """The loop's one-node training path (_SegmentLoRALinear, hand-written backward) gives
+    the output and every gradient that autograd gives for PEFT's own arithmetic, over a
+    base with a bias, gaps, unordered spans, a slot used twice, and an input with and
+    without a gradient of its own."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.nn.Linear(24, 40, bias=True).requires_grad_(False)
+    layer = MultiLoRALinear(base, "x", "attn")
+    layer.impl = "loop"
+    for slot, (rank, alpha) in enumerate([(2, 4.0), (8, 8.0), (5, 20.0)]):
+        pair = init_lora_pair(24, 40, rank, alpha, g, torch.device("cpu"))
+        with torch.no_grad():
+            pair.lora_B.normal_(generator=g)
+        layer.add_adapter(slot, pair)
+    factors = [t for p in layer.adapters.values() for t in (p.lora_A, p.lora_B)]
+    x = torch.randn(2, 15, 24, generator=g)
+    upstream = torch.randn(2, 15, 40, generator=g)
+    spans = [(2, 3, 7), (0, 12, 20), (1, 21, 25), (0, 25, 29)]
+
+    def reference(xi):
+        out = base(xi).reshape(-1, 40)
+        x_flat = xi.reshape(-1, 24)
+        deltas = torch.zeros_like(out)
+        for slot, s, e in spans:
+            p = layer.adapters[slot]
+            deltas = deltas.index_add(0, torch.arange(s, e), (x_flat[s:e] @ p.lora_A.t()) @ p.lora_B.t() * p.scaling)
+        return (out + deltas).reshape(2, 15, 40)
+
+    for x_needs_grad in (True, False):
+        results = []
+        for run in (lambda xi: layer.forward_spans(xi, spans), reference):
+            xi = x.clone().requires_grad_(x_needs_grad)
+            y = run(xi)
+            (y * upstream).sum().backward()
+            results.append((y.detach(), xi.grad, [t.grad.clone() for t in factors]))
+            if run is not reference:
+                assert type(y.grad_fn).__name__ == "_SegmentLoRALinearBackward"  # the one node
+            for t in factors:
+                t.grad = None
+        (y1, gx1, gf1), (y2, gx2, gf2) = results
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+        if x_needs_grad:
+            torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+        else:
+            assert gx1 is None and gx2 is None
+        for a, b in zip(gf1, gf2):
+            assert b.abs().sum() > 0
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

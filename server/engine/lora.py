@@ -113,23 +113,66 @@ def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[Rou
 CONCAT_MAX_WORK = 4096
 
 LORA_IMPLS = ("auto", "loop", "grouped")
-# What "auto" picks on CPU, from benchmarks/bench_multitenant.py --device cpu --lora-impl
-# {loop,grouped} (torch 2.13): grouped was faster at K = 1, 4 and 8 (see the benchmark notes).
-CPU_AUTO_LORA_IMPL = "grouped"
 
 
 def resolve_lora_impl(impl: str, device: Optional[torch.device] = None) -> str:
-    """'auto' -> CPU_AUTO_LORA_IMPL on CPU; elsewhere 'grouped' when this torch has
-    torch._grouped_mm, else 'loop'."""
+    """Check a LoRA implementation name; 'auto' stays 'auto' (chosen per pass, see
+    MultiLoRALinear.pass_impl) unless this torch lacks torch._grouped_mm ('loop' then)."""
     if impl not in LORA_IMPLS:
         raise ValueError(f"lora_impl must be one of {', '.join(LORA_IMPLS)}, got {impl!r}")
-    if impl == "auto":
-        on_cpu = device is not None and torch.device(device).type == "cpu"
-        preferred = CPU_AUTO_LORA_IMPL if on_cpu else "grouped"
-        return "grouped" if preferred == "grouped" and hasattr(torch, "_grouped_mm") else "loop"
+    if impl == "auto" and not hasattr(torch, "_grouped_mm"):
+        return "loop"
     if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
         raise ValueError("lora_impl 'grouped' needs torch._grouped_mm, which this torch lacks")
     return impl
+
+
+class _SegmentLoRALinear(torch.autograd.Function):
+    """y = x W^T (+ bias), then y[s:e] += scaling * (x[s:e] A^T) B^T for each adapter segment:
+    a frozen base projection and its routed adapters in one autograd node, backward written
+    out by hand.
+
+    The arithmetic is PEFT's, one matmul pair per segment (the scaling applied to the
+    product in forward and to the output gradient in backward), so results equal the
+    autograd-recorded loop up to fp32 rounding. What it saves is bookkeeping, which on a
+    CPU costs as much as the small LoRA matmuls themselves: a handful of autograd nodes per
+    adapter per layer, the base output's separate node, and a second [N, in] gradient that
+    autograd would add to the base's (each segment's input gradient goes straight into
+    the base's with addmm_). The base weight must be frozen; it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bounds, scalings, *factors):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.nn.functional.linear(x2, weight, bias)  # [N, out]
+        hs = []
+        for (start, end), scale, a, b in zip(bounds, scalings, factors[0::2], factors[1::2]):
+            h = x2[start:end] @ a.to(x.dtype).t()  # [m, r]
+            out[start:end].add_(h @ b.to(x.dtype).t(), alpha=scale)
+            hs.append(h)
+        ctx.bounds, ctx.scalings, ctx.n_factors, ctx.x_shape = bounds, scalings, len(factors), x.shape
+        ctx.save_for_backward(x2, weight, *factors, *hs)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, *rest = ctx.saved_tensors
+        factors, hs = rest[:ctx.n_factors], rest[ctx.n_factors:]
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = g2 @ weight if ctx.needs_input_grad[0] else None  # [N, in]
+        factor_grads = []
+        for k, ((start, end), scale) in enumerate(zip(ctx.bounds, ctx.scalings)):
+            a, b, h = factors[2 * k], factors[2 * k + 1], hs[k]
+            g = g2[start:end] * scale if scale != 1.0 else g2[start:end]  # [m, out]
+            grad_h = g @ b.to(g.dtype)  # [m, r]
+            if grad_x is not None:
+                grad_x[start:end].addmm_(grad_h, a.to(g.dtype))
+            factor_grads.append((grad_h.t() @ x2[start:end]).to(a.dtype)
+                                if ctx.needs_input_grad[5 + 2 * k] else None)
+            factor_grads.append((g.t() @ h).to(b.dtype) if ctx.needs_input_grad[6 + 2 * k] else None)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        return (grad_x, None, None, None, None, *factor_grads)
 
 
 class MultiLoRALinear(nn.Module):
@@ -139,7 +182,14 @@ class MultiLoRALinear(nn.Module):
       * "grouped": every adapter of the pass in one `torch._grouped_mm` per factor (A, then
         B), the adapters' weights stacked [S, in, r_max] / [S, r_max, out] (zero-padded to
         the largest rank, scaling folded into B). No Python loop over adapters in the math.
-      * "loop": one pair of matmuls per adapter span (the reference; PEFT's own arithmetic).
+        Without gradients and with few routed tokens (a decode step), concatenated A
+        factors instead (see `_concat_factors`).
+      * "loop": one pair of matmuls per adapter span (PEFT's own arithmetic); with
+        gradients, the base projection and every span in one autograd node
+        (`_SegmentLoRALinear`).
+      * "auto" picks per pass (`pass_impl`): grouped on CUDA; on a CPU, where torch's grouped
+        kernel is itself a loop of matmuls, the loop for passes with gradients and grouped
+        (the concatenated path) for passes without.
     """
 
     def __init__(self, base: nn.Linear, name: str, group: str):
@@ -178,15 +228,22 @@ class MultiLoRALinear(nn.Module):
         return self.forward_spans(x, spans)
 
     def forward_spans(self, x: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
-        out = self.base(x)
         active = tuple((slot, s, e) for slot, s, e in spans if slot in self.adapters and e > s)
         if not active:
-            return out
-        if self.impl == "grouped" and self._grouped_ok(x):
+            return self.base(x)
+        if self.pass_impl(x) == "grouped":
+            out = self.base(x)
             self._add_grouped(x, out, active)
-        else:
-            self._add_loop(x, out, active)
-        return out
+            return out
+        return self._loop(x, active)
+
+    def pass_impl(self, x: torch.Tensor) -> str:
+        """The implementation this pass runs: `impl`, with "auto" resolved for the device
+        and for whether gradients are wanted; grouped only where torch's kernel takes it."""
+        impl = self.impl
+        if impl == "auto":
+            impl = "loop" if x.device.type == "cpu" and torch.is_grad_enabled() else "grouped"
+        return impl if impl == "loop" or self._grouped_ok(x) else "loop"
 
     def _grouped_ok(self, x: torch.Tensor) -> bool:
         """Grouped GEMM needs 16-byte aligned rows (odd sizes such as a vocab of 50257 loop),
@@ -196,17 +253,23 @@ class MultiLoRALinear(nn.Module):
             return False
         return x.device.type != "cuda" or x.dtype == torch.bfloat16
 
-    def _add_loop(self, x: torch.Tensor, out: torch.Tensor, active: Sequence[Span]) -> None:
+    def _loop(self, x: torch.Tensor, active: Sequence[Span]) -> torch.Tensor:
+        pairs = [self.adapters[slot] for slot, _, _ in active]
+        frozen_base = not any(p.requires_grad for p in self.base.parameters())
+        if torch.is_grad_enabled() and frozen_base:
+            factors = [t for pair in pairs for t in (pair.lora_A, pair.lora_B)]
+            return _SegmentLoRALinear.apply(
+                x, self.base.weight, self.base.bias, tuple((s, e) for _, s, e in active),
+                tuple(p.scaling for p in pairs), *factors)
+        out = self.base(x)
         x_flat = x.reshape(-1, self.in_features)  # [N, in]
         out_flat = out.reshape(-1, self.out_features)  # [N, out], a view of `out`
-        for slot, start, end in active:
-            pair = self.adapters[slot]
-            a = pair.lora_A.to(x.dtype)
-            b = pair.lora_B.to(x.dtype)
-            delta = (x_flat[start:end] @ a.t()) @ b.t()  # [n, out]
+        for pair, (_, start, end) in zip(pairs, active):
+            delta = (x_flat[start:end] @ pair.lora_A.to(x.dtype).t()) @ pair.lora_B.to(x.dtype).t()
             # In-place add on a view of the base output: autograd records it (CopySlices)
             # and the base linear's backward does not need its own output.
             out_flat[start:end].add_(delta, alpha=pair.scaling)
+        return out
 
     def _add_grouped(self, x: torch.Tensor, out: torch.Tensor, active: tuple[Span, ...]) -> None:
         routing = self.routing

@@ -90,8 +90,10 @@ def target_logprobs(
     """log p(targets[i] | position i) for hidden [T, H], without [T, V] logits at once.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory
-    holds one chunk's [chunk, V] logits, not the whole batch's. `spans` route tokens to LoRA
-    adapters of the head (offsets over the T tokens).
+    holds one chunk's [chunk, V] logits, not the whole batch's. The last chunk keeps its
+    activations instead: backward starts with it, so its recompute would raise no peak and
+    only repeat the head's largest matmul (for a batch within one chunk, all of it). `spans`
+    route tokens to LoRA adapters of the head (offsets over the T tokens).
     """
     out = []
     total = hidden.shape[0]
@@ -105,7 +107,7 @@ def target_logprobs(
                 if s < end and e > start
             ]
         args = (head, hidden[start:end], targets[start:end], chunk_spans)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and end < total:
             out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             out.append(_chunk_logprobs(*args))

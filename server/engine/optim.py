@@ -7,6 +7,11 @@ math runs in `step_adapters`: a cycle's optim_steps of every adapter go through 
 multi-tensor (foreach) AdamW kernel together, one call per distinct set of hyperparameters,
 instead of one small op per tensor per adapter. The hyperparameters arrive with every
 optim_step (Tinker passes AdamParams per step).
+
+On CPU the kernel is torch's fused AdamW (one vectorised pass per tensor: about 4x faster
+than foreach there, which loops a dozen ops per tensor); elsewhere foreach, whose state
+layout (`step` on the host) is what torch.optim.AdamW keeps by default. Both are elementwise
+per tensor, so an adapter's result never depends on which adapters step beside it.
 """
 
 from __future__ import annotations
@@ -101,8 +106,9 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
                 exp_avgs += m1
                 exp_avg_sqs += m2
                 steps += st
-            adam_kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True,
-                        decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+            fused = all(p.device.type == "cpu" for p in params)
+            adam_kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=not fused,
+                        fused=fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
                         weight_decay=weight_decay, eps=eps, maximize=False)
     present = [n for n in norms if n is not None]
     host = iter(torch.stack(present).tolist() if present else [])  # one device-to-host copy
