@@ -116,7 +116,9 @@ class Engine:
         row_length: Optional[int] = None,
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
-        matmul pair per adapter span) or "auto" (grouped where torch has it). Same results.
+        matmul pair per adapter span) or "auto" (chosen per pass: grouped on CUDA; on a CPU
+        the loop for training passes, grouped without gradients; see lora.MultiLoRALinear).
+        Same results.
 
         `max_resident_adapters`: beyond this many adapters on the device, the least recently
         used ones (weights, gradients, AdamW state) move to `offload_device` until next used.

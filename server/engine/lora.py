@@ -132,8 +132,8 @@ class _SegmentLoRALinear(torch.autograd.Function):
     a frozen base projection and its routed adapters in one autograd node, backward written
     out by hand.
 
-    The arithmetic is PEFT's, one matmul pair per segment (the scaling applied to the
-    product in forward and to the output gradient in backward), so results equal the
+    The arithmetic is PEFT's, one matmul pair per segment, with the scaling applied to the
+    rank-sized factors ([m, r]) rather than to [m, out] products, so results equal the
     autograd-recorded loop up to fp32 rounding. What it saves is bookkeeping, which on a
     CPU costs as much as the small LoRA matmuls themselves: a handful of autograd nodes per
     adapter per layer, the base output's separate node, and a second [N, in] gradient that
@@ -145,10 +145,12 @@ class _SegmentLoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, bounds, scalings, *factors):
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.nn.functional.linear(x2, weight, bias)  # [N, out]
-        hs = []
+        hs = []  # scaling * x A^T per segment: what B's gradient needs
         for (start, end), scale, a, b in zip(bounds, scalings, factors[0::2], factors[1::2]):
             h = x2[start:end] @ a.to(x.dtype).t()  # [m, r]
-            out[start:end].add_(h @ b.to(x.dtype).t(), alpha=scale)
+            if scale != 1.0:
+                h.mul_(scale)
+            out[start:end].addmm_(h, b.to(x.dtype).t())
             hs.append(h)
         ctx.bounds, ctx.scalings, ctx.n_factors, ctx.x_shape = bounds, scalings, len(factors), x.shape
         ctx.save_for_backward(x2, weight, *factors, *hs)
@@ -163,8 +165,10 @@ class _SegmentLoRALinear(torch.autograd.Function):
         factor_grads = []
         for k, ((start, end), scale) in enumerate(zip(ctx.bounds, ctx.scalings)):
             a, b, h = factors[2 * k], factors[2 * k + 1], hs[k]
-            g = g2[start:end] * scale if scale != 1.0 else g2[start:end]  # [m, out]
-            grad_h = g @ b.to(g.dtype)  # [m, r]
+            g = g2[start:end]  # [m, out]
+            grad_h = g @ b.to(g.dtype)  # [m, r], times the scaling: the gradient of x A^T
+            if scale != 1.0:
+                grad_h.mul_(scale)
             if grad_x is not None:
                 grad_x[start:end].addmm_(grad_h, a.to(g.dtype))
             factor_grads.append((grad_h.t() @ x2[start:end]).to(a.dtype)
