@@ -103,6 +103,20 @@ def test_segment_function_equals_autograd_of_peft_arithmetic():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_picks_the_loop_for_cpu_training_and_grouped_elsewhere():
+    aligned = layer_with_adapters(24, 40, [(2, 4.0)], seed=4)
+    odd = layer_with_adapters(24, 41, [(2, 4.0)], seed=4)  # 41 floats: rows not 16-byte aligned
+    x = torch.randn(3, 24)
+    for layer in (aligned, odd):
+        layer.impl = "auto"
+    assert aligned.pass_impl(x) == "loop"  # gradients on a CPU: one autograd node per layer
+    with torch.no_grad():
+        assert aligned.pass_impl(x) == "grouped"  # a decode step: concatenated A
+        assert odd.pass_impl(x) == "loop"  # what grouped GEMM cannot take loops
+    aligned.impl = "grouped"
+    assert aligned.pass_impl(x) == "grouped"  # an explicit choice holds
+
+
 def test_concatenated_path_without_gradients_equals_loop(monkeypatch):
     """Without gradients, few routed tokens take the concatenated-A path (every token
     through every segment's A, other segments masked to exact zeros); large ones the
