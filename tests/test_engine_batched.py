@@ -111,38 +111,53 @@ def test_auto_picks_the_loop_for_cpu_training_and_grouped_elsewhere():
         layer.impl = "auto"
     assert aligned.pass_impl(x) == "loop"  # gradients on a CPU: one autograd node per layer
     with torch.no_grad():
-        assert aligned.pass_impl(x) == "grouped"  # a decode step: concatenated A
+        assert aligned.pass_impl(x) == "grouped"  # a decode step: segment-batched bmm
         assert odd.pass_impl(x) == "loop"  # what grouped GEMM cannot take loops
     aligned.impl = "grouped"
     assert aligned.pass_impl(x) == "grouped"  # an explicit choice holds
 
 
-def test_concatenated_path_without_gradients_equals_loop(monkeypatch):
-    """Without gradients, few routed tokens take the concatenated-A path (every token
-    through every segment's A, other segments masked to exact zeros); large ones the
-    grouped kernel. Both equal the loop, in place into the base output or gathered."""
+def test_segment_bmm_path_without_gradients_equals_loop(monkeypatch):
+    """Without gradients, the grouped impl takes batched matmuls over a [segments, largest
+    segment] layout (up to a size); beyond it the grouped kernel. Both equal the loop: with
+    equal segments added in place into the base output (a view), with unequal ones padded
+    and the padding dropped, and with gaps or unordered spans gathered."""
     from server.engine import lora
 
     layer = layer_with_adapters(24, 40, [(2, 4.0), (8, 8.0), (5, 20.0)], seed=2)
     x = torch.randn(2, 15, 24, generator=torch.Generator().manual_seed(3))
-    cases = [[(0, 0, 4), (1, 4, 9), (2, 9, 30)],  # contiguous: added in place
+    cases = [[(0, 0, 5), (1, 5, 10), (2, 10, 15)],  # equal and contiguous: a view, in place
+             [(0, 0, 4), (1, 4, 9), (2, 9, 30)],  # contiguous, unequal: padded
              [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (1, 29, 30)]]  # gathered, a slot twice
     calls = []
-    original = MultiLoRALinear._concat_factors
-    monkeypatch.setattr(MultiLoRALinear, "_concat_factors",
+    original = lora.SegmentBmm.add
+    monkeypatch.setattr(lora.SegmentBmm, "add",
                         lambda self, *args: calls.append(1) or original(self, *args))
     for spans in cases:
         with torch.no_grad():
             layer.impl = "loop"
             expected = layer.forward_spans(x, spans)
             layer.impl = "grouped"
-            for limit, concat in ((10**6, True), (0, False)):
+            for limit, bmm in ((10**6, True), (0, False)):
                 before = len(calls)
-                monkeypatch.setattr(lora, "CONCAT_MAX_WORK", limit)
+                monkeypatch.setattr(lora, "SEGMENT_BMM_MAX_TOKENS", limit)
+                # limit 0 on CPU: only passes whose padding at most doubles the rows stay on bmm
                 got = layer.forward_spans(x, spans)
-                assert (len(calls) > before) == concat
+                plan = lora.make_route_plan([s for s in spans if s[0] in layer.adapters], x.device)
+                assert (len(calls) > before) == (bmm or plan.padded_tokens <= 2 * sum(plan.sizes))
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert (expected != layer.base(x)).any()
+
+
+def test_segment_layout_pads_each_segment_with_its_own_tokens():
+    from server.engine.lora import make_route_plan
+
+    plan = make_route_plan([(4, 0, 3), (1, 3, 4), (9, 4, 6)], torch.device("cpu"))
+    assert plan.sizes == (3, 1, 2) and plan.padded_tokens == 9
+    gather, keep = plan.segment_layout()
+    assert gather.tolist() == [0, 1, 2, 3, 3, 3, 4, 5, 4]
+    assert keep.tolist() == [0, 1, 2, 3, 6, 7]
+    assert make_route_plan([(4, 0, 2), (1, 2, 4)], torch.device("cpu")).segment_layout() == (None, None)
 
 
 def test_grouped_engine_pass_equals_loop_pass(engine):
@@ -324,3 +339,61 @@ def test_filter_leaves_rows_without_a_nucleus_whole_beside_rows_with_one():
     out = _filter(logits.clone(), RowSampling.of([(0, 0), (1, 0)], requests, vocab, torch.device("cpu")))
     assert torch.equal(out[1], logits[1])
     assert torch.isinf(out[0]).any()  # the nucleus row is cut
+
+
+# ------------------------------------------------------------------- decode-step machinery
+
+
+def test_shared_input_siblings_equal_each_alone_and_never_reuse_another_input():
+    """q/k/v (one input tensor) take x @ A from one matmul of all three side by side; each
+    equals its own product, and a cached product is reused only for the very same,
+    unmodified tensor: not for an equal-shaped new one (the next step) nor after an
+    in-place change, nor across passes."""
+    from server.engine import lora
+    from server.engine.lora import LoRARouting, spans_for_rows
+
+    g = torch.Generator().manual_seed(4)
+    layers = {}
+    for leaf, out in (("q_proj", 32), ("k_proj", 16), ("v_proj", 16)):
+        layer = layer_with_adapters(24, out, [(4, 8.0), (2, 2.0)], seed=len(layers) + 10)
+        layer.name = f"attn.{leaf}"
+        layers[layer.name] = layer
+    routing = LoRARouting(layers, spans_for_rows([0, 0, 1, None, 1]), per_row=True)
+    xs = [torch.randn(5, 1, 24, generator=g) for _ in range(3)]
+
+    def alone(layer, x):  # the grouped kernel with gradients on: no sharing, no preparing
+        with torch.enable_grad():
+            return layer.forward_spans(x, [(0, 0, 2), (1, 2, 3), (1, 4, 5)]).detach()
+
+    with torch.no_grad():
+        for step, x in enumerate(xs):
+            with routing:
+                got = {name: layer(x) for name, layer in layers.items()}
+            for name, layer in layers.items():
+                torch.testing.assert_close(got[name], alone(layer, x), rtol=1e-6, atol=1e-6)
+            assert all(isinstance(p, lora.SegmentBmm) and p.shared for p in routing.prepared.values())
+            assert routing.shared_h == {}  # a pass's inputs are dropped when it ends
+        with routing:  # within one pass: a new tensor, then the same one changed in place
+            layers["attn.q_proj"](xs[0])
+            fresh = xs[0].clone() * 2
+            torch.testing.assert_close(layers["attn.k_proj"](fresh), alone(layers["attn.k_proj"], fresh))
+            fresh.mul_(-1)
+            torch.testing.assert_close(layers["attn.v_proj"](fresh), alone(layers["attn.v_proj"], fresh))
+
+
+def test_routing_drops_prepared_work_when_spans_change():
+    from server.engine.lora import LoRARouting, spans_for_rows
+
+    layer = layer_with_adapters(24, 40, [(4, 8.0), (2, 2.0)], seed=6)
+    routing = LoRARouting({"x": layer}, spans_for_rows([0, 0, 1, 1]), per_row=True)
+    x = torch.randn(4, 1, 24, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with routing:
+            layer(x)
+        routing.spans = tuple(spans_for_rows([1, 1, 0, 0]))  # as the sampler does on compaction
+        assert routing.prepared == {}
+        with routing:
+            got = layer(x)
+        expected = layer.forward_spans(x, [(1, 0, 2), (0, 2, 4)])
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+

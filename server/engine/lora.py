@@ -71,19 +71,33 @@ class RoutePlan:
     index: Optional[torch.Tensor]  # int64 [M] flattened token positions, or None
     lo: int
     hi: int
-    _masks: dict = field(default_factory=dict, repr=False)
+    sizes: tuple[int, ...] = ()  # tokens per segment, on the host
+    _layout: Optional[tuple] = field(default=None, repr=False)
 
-    def segment_mask(self, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """[M, S*rank] ones where a routed token meets its own segment's rank components."""
-        key = (rank, dtype)
-        if key not in self._masks:
-            # M from host-side facts, not int(offs[-1]): that would be a device sync.
-            n_tokens = self.hi - self.lo if self.index is None else self.index.shape[0]
-            tokens = torch.arange(n_tokens, device=self.offs.device)
-            segment = torch.searchsorted(self.offs.long(), tokens, right=True)  # [M]
-            column = torch.arange(len(self.slots) * rank, device=self.offs.device) // rank
-            self._masks[key] = (segment[:, None] == column[None, :]).to(dtype)
-        return self._masks[key]
+    @property
+    def padded_tokens(self) -> int:
+        """S * the largest segment: the rows of the segment-batched (bmm) layout."""
+        return len(self.sizes) * max(self.sizes)
+
+    def segment_layout(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(gather [S*m_max], keep [M]) between the routed tokens and a [S, m_max] layout
+        where segment s owns row block s, or (None, None) when every segment has the same
+        size (the layout is then a view). `gather` fills a short segment's padding with
+        its own first token (any real token would do: padding rows are computed, then
+        dropped); `keep` picks the real rows back out, in routed-token order."""
+        if self._layout is None:
+            m_max = max(self.sizes)
+            if all(n == m_max for n in self.sizes):
+                self._layout = (None, None)
+            else:
+                gather, keep, start = [], [], 0
+                for s, n in enumerate(self.sizes):
+                    gather += list(range(start, start + n)) + [start] * (m_max - n)
+                    keep += range(s * m_max, s * m_max + n)
+                    start += n
+                device = self.offs.device
+                self._layout = (torch.tensor(gather, device=device), torch.tensor(keep, device=device))
+        return self._layout
 
 
 def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[RoutePlan]:
@@ -104,13 +118,16 @@ def make_route_plan(spans: Sequence[Span], device: torch.device) -> Optional[Rou
         index=index,
         lo=spans[0][1],
         hi=spans[-1][2],
+        sizes=tuple(e - s for _, s, e in spans),
     )
 
 
-# Passes without gradients whose routed tokens x segments stay under this take the
-# concatenated-A path of the grouped implementation (see MultiLoRALinear._concat_factors);
-# from benchmarks/bench_decode.py --device cpu (torch 2.13).
-CONCAT_MAX_WORK = 4096
+# Passes without gradients whose segment-batched layout (segments x largest segment, see
+# SegmentBmm) has at most this many rows take batched matmuls instead
+# of the grouped kernel; on CPU also larger ones whose padding at most doubles the rows.
+# From benchmarks/bench_decode.py --device cpu and a CPU micro-benchmark (torch 2.13): bmm
+# beat torch._grouped_mm at every size tried, 16 to 16384 rows x 1 to 8 segments (2-7x).
+SEGMENT_BMM_MAX_TOKENS = 4096
 
 LORA_IMPLS = ("auto", "loop", "grouped")
 
@@ -186,14 +203,14 @@ class MultiLoRALinear(nn.Module):
       * "grouped": every adapter of the pass in one `torch._grouped_mm` per factor (A, then
         B), the adapters' weights stacked [S, in, r_max] / [S, r_max, out] (zero-padded to
         the largest rank, scaling folded into B). No Python loop over adapters in the math.
-        Without gradients and with few routed tokens (a decode step), concatenated A
-        factors instead (see `_concat_factors`).
+        Without gradients, up to a size, two torch.bmm over the same stacks instead
+        (SegmentBmm).
       * "loop": one pair of matmuls per adapter span (PEFT's own arithmetic); with
         gradients, the base projection and every span in one autograd node
         (`_SegmentLoRALinear`).
       * "auto" picks per pass (`pass_impl`): grouped on CUDA; on a CPU, where torch's grouped
         kernel is itself a loop of matmuls, the loop for passes with gradients and grouped
-        (the concatenated path) for passes without.
+        (the segment-batched bmm) for passes without.
     """
 
     def __init__(self, base: nn.Linear, name: str, group: str):
@@ -225,11 +242,46 @@ class MultiLoRALinear(nn.Module):
         self.adapters.pop(slot, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None and not torch.is_grad_enabled():
+            return self._forward_prepared(x)
+        return self.forward_spans(x, self._pass_spans(x))
+
+    def _pass_spans(self, x: torch.Tensor) -> Sequence[Span]:
+        """This pass's spans over x's flattened tokens."""
         spans = self.spans
         if self.per_row and spans:
             tokens_per_row = x.shape[-2]
             spans = [(slot, s * tokens_per_row, e * tokens_per_row) for slot, s, e in spans]
-        return self.forward_spans(x, spans)
+        return spans
+
+    def _forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        """forward without gradients under a LoRARouting: the layer's routing work (active
+        spans, plan, stacked factors) is done on its first call with this input shape and
+        kept by the routing for the pass, so a decode step pays only the matmuls, which at
+        a handful of rows are of the same order as that Python work."""
+        key = (self.name, x.shape, x.dtype)
+        prepared = self.routing.prepared.get(key, _UNPREPARED)
+        if prepared is _UNPREPARED:
+            prepared = self.routing.prepared[key] = self._prepare(x)
+        if prepared is _GENERAL:
+            return self.forward_spans(x, self._pass_spans(x))
+        out = nn.functional.linear(x, self.base.weight, self.base.bias)  # = self.base(x), sans hooks
+        if prepared is not None:
+            prepared.add(x, out, self.routing.shared_h)
+        return out
+
+    def _prepare(self, x: torch.Tensor):
+        """What _forward_prepared does for inputs shaped like x: None (no routed token has
+        an adapter in this layer: base only), a SegmentBmm, or _GENERAL (forward_spans)."""
+        active = tuple((slot, s, e) for slot, s, e in self._pass_spans(x) if slot in self.adapters and e > s)
+        if not active:
+            return None
+        if self.pass_impl(x) != "grouped":
+            return _GENERAL
+        plan = self.routing.plan(active, x.device)
+        if not _segment_bmm_ok(plan, x.device):
+            return _GENERAL
+        return self._segment_bmm(plan, x.dtype, siblings=_shared_input_siblings(self, self.routing.layers))
 
     def forward_spans(self, x: torch.Tensor, spans: Sequence[Span]) -> torch.Tensor:
         active = tuple((slot, s, e) for slot, s, e in spans if slot in self.adapters and e > s)
@@ -278,6 +330,9 @@ class MultiLoRALinear(nn.Module):
     def _add_grouped(self, x: torch.Tensor, out: torch.Tensor, active: tuple[Span, ...]) -> None:
         routing = self.routing
         plan = routing.plan(active, x.device) if routing else make_route_plan(active, x.device)
+        if not torch.is_grad_enabled() and _segment_bmm_ok(plan, x.device):
+            self._segment_bmm(plan, x.dtype).add(x, out)
+            return
         a_t, b_t = self._stacks(plan.slots, x.dtype)
         x_flat = x.reshape(-1, self.in_features)  # [N, in]
         out_flat = out.reshape(-1, self.out_features)  # [N, out], a view of `out`
@@ -285,37 +340,36 @@ class MultiLoRALinear(nn.Module):
             x_sel = x_flat[plan.lo:plan.hi]  # [M, in]
         else:
             x_sel = x_flat.index_select(0, plan.index)
-        if not torch.is_grad_enabled() and x_sel.shape[0] * len(plan.slots) <= CONCAT_MAX_WORK:
-            h, b_cat = self._concat_factors(x_sel, plan, a_t, b_t)
-            if plan.index is None:  # one fused multiply-add into the base output
-                out_flat[plan.lo:plan.hi].addmm_(h, b_cat)
-                return
-            delta = h @ b_cat
-        else:
-            h = _ContiguousGrad.apply(torch._grouped_mm(x_sel, a_t, offs=plan.offs))  # [M, r_max]
-            delta = _ContiguousGrad.apply(torch._grouped_mm(h, b_t, offs=plan.offs))  # [M, out]
+        h = _ContiguousGrad.apply(torch._grouped_mm(x_sel, a_t, offs=plan.offs))  # [M, r_max]
+        delta = _ContiguousGrad.apply(torch._grouped_mm(h, b_t, offs=plan.offs))  # [M, out]
         if plan.index is None:
             out_flat[plan.lo:plan.hi].add_(delta)
         else:
             out_flat.index_add_(0, plan.index, delta)
 
-    def _concat_factors(self, x_sel: torch.Tensor, plan: "RoutePlan", a_t: torch.Tensor,
-                        b_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grouped product for few tokens (a decode step), as (h, B) with delta = h @ B:
-        every token through every segment's A at once (one [M, in] x [in, S*r] matmul), the
-        other segments' rank components zeroed (exact zeros, so they add exactly nothing);
-        B is the segments' B stacked [S*r, out]. S times the LoRA FLOPs, but fixed-shape
-        matmuls instead of a grouped kernel's per-group work, which dominates at a handful
-        of rows. No autograd: used only when no gradient is wanted."""
-        n_seg, _, r = a_t.shape
+    def _segment_bmm(self, plan: RoutePlan, dtype: torch.dtype,
+                     siblings: Optional[tuple[str, ...]] = None) -> "SegmentBmm":
+        """This layer's SegmentBmm for `plan`: its factors [S, in, r] / [S, r, out] made
+        contiguous (bmm is ~25% faster on them than on _stacks's transposed views). With
+        `siblings` (layer names that take the same input, this one included) whose adapters
+        cover the same slots, A is a column block of all of theirs side by side, so the
+        first of them to run computes every sibling's x @ A in one matmul."""
+        a_t, b_t = self._stacks(plan.slots, dtype)
         cache = self.routing.stack_cache if self.routing is not None else {}
-        key = ("concat", self.name, plan.slots, x_sel.dtype)
+        key = ("bmm", self.name, plan.slots, dtype)
         if key not in cache:
-            # [in, S*r] and [S*r, out]: segment s owns columns / rows s*r:(s+1)*r.
-            cache[key] = (a_t.permute(1, 0, 2).reshape(self.in_features, n_seg * r),
-                          b_t.reshape(n_seg * r, self.out_features))
-        a_cat, b_cat = cache[key]
-        return (x_sel @ a_cat).mul_(plan.segment_mask(r, x_sel.dtype)), b_cat
+            cache[key] = (a_t.contiguous(), b_t.contiguous())
+        a, b = cache[key]
+        if not siblings or any(set(plan.slots) - set(self.routing.layers[n].adapters) for n in siblings):
+            return SegmentBmm(plan, a, b)
+        shared_key = ("bmm-shared", siblings, plan.slots, dtype)
+        if shared_key not in cache:
+            parts = [self.routing.layers[n]._stacks(plan.slots, dtype)[0] for n in siblings]
+            cache[shared_key] = (torch.cat(parts, dim=2), [p.shape[2] for p in parts])  # [S, in, sum r]
+        a_cat, ranks = cache[shared_key]
+        start = sum(ranks[:siblings.index(self.name)])
+        return SegmentBmm(plan, a_cat[:, :, start:start + a.shape[2]], b,
+                          shared=((siblings, plan.slots), a_cat, start))
 
     def _stacks(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """([S, in, r_max], [S, r_max, out]) for the given slots, differentiable to each pair.
@@ -340,6 +394,92 @@ class MultiLoRALinear(nn.Module):
         if cache is not None:
             cache[key] = result
         return result
+
+
+@dataclass
+class SegmentBmm:
+    """One layer's adapter product without gradients, as two batched matmuls over a
+    [S, m_max] layout of its routed tokens (segment s in row block s, short segments
+    padded): x @ A then @ B, each token through its own segment's factors only.
+
+    At a handful of tokens (a decode step) a grouped kernel's per-group work dominates, and
+    bmm is 2-7x faster on CPU at any size (see SEGMENT_BMM_MAX_TOKENS). When segments are
+    equal-sized and contiguous in the base output (a decode batch of evenly split rows) the
+    layout is a view and B's product is added in place.
+    """
+
+    plan: RoutePlan
+    a: torch.Tensor  # [S, in, r]
+    b: torch.Tensor  # [S, r, out], scaling folded in
+    # (key, A of all siblings [S, in, sum r], first column of this layer's block) when
+    # siblings share this layer's input; `a` is then that column block.
+    shared: Optional[tuple[tuple, torch.Tensor, int]] = None
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, shared_h: Optional[dict] = None) -> None:
+        """out += the adapters' product of x, in place (out is the base output of x)."""
+        plan, n_seg, m_max = self.plan, len(self.plan.slots), max(self.plan.sizes)
+        h = self._h(x, shared_h)  # [S, m_max, r]
+        out_flat = out.view(-1, out.shape[-1])  # `view`: the adds must land in `out` itself
+        gather, keep = plan.segment_layout()
+        if gather is None and plan.index is None:
+            out_flat[plan.lo:plan.hi].view(n_seg, m_max, -1).baddbmm_(h, self.b)
+            return
+        delta = torch.bmm(h, self.b).view(n_seg * m_max, -1)  # [S*m_max, out]
+        if keep is not None:
+            delta = delta.index_select(0, keep)  # [M, out]
+        if plan.index is None:
+            out_flat[plan.lo:plan.hi].add_(delta)
+        else:
+            out_flat.index_add_(0, plan.index, delta)
+
+    def _h(self, x: torch.Tensor, shared_h: Optional[dict]) -> torch.Tensor:
+        """x @ A in the segment layout, [S, m_max, r]. With siblings, taken from the first
+        sibling's product of this very tensor (same object, unmodified since: checked by
+        identity and version counter, so another step's or pass's input never matches);
+        the held reference keeps that object alive, so its identity cannot be reused."""
+        if self.shared is None or shared_h is None or x.is_inference():
+            return torch.bmm(self._x_pad(x), self.a)
+        key, a_cat, start = self.shared
+        hit = shared_h.get(key)
+        if hit is None or hit[0] is not x or hit[1] != x._version:
+            hit = shared_h[key] = (x, x._version, torch.bmm(self._x_pad(x), a_cat))
+        return hit[2][:, :, start:start + self.a.shape[2]]
+
+    def _x_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x's routed tokens in the segment layout, [S, m_max, in]."""
+        plan = self.plan
+        x_flat = x.reshape(-1, x.shape[-1])
+        x_sel = x_flat[plan.lo:plan.hi] if plan.index is None else x_flat.index_select(0, plan.index)
+        gather, _ = plan.segment_layout()
+        if gather is not None:
+            x_sel = x_sel.index_select(0, gather)
+        return x_sel.reshape(len(plan.slots), max(plan.sizes), x.shape[-1])
+
+
+# Sets of projections that take the same input tensor in the usual decoder layer.
+SHARED_INPUT_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_UNPREPARED = object()  # MultiLoRALinear._forward_prepared: not prepared yet
+_GENERAL = object()  # MultiLoRALinear._forward_prepared: take forward_spans
+
+
+def _shared_input_siblings(layer: MultiLoRALinear, layers: dict) -> Optional[tuple[str, ...]]:
+    """Names of the layers in `layer`'s shared-input set (itself included) when all of them
+    are wrapped here, else None. Only a hint: sharing also needs the same input tensor at
+    run time (SegmentBmm._h checks)."""
+    parent, _, leaf = layer.name.rpartition(".")
+    for names in SHARED_INPUT_SETS:
+        if leaf in names:
+            full = tuple(f"{parent}.{n}" if parent else n for n in names)
+            return full if all(n in layers for n in full) else None
+    return None
+
+
+def _segment_bmm_ok(plan: RoutePlan, device: torch.device) -> bool:
+    """Whether a pass without gradients takes MultiLoRALinear._add_segment_bmm."""
+    padded = plan.padded_tokens
+    if padded <= SEGMENT_BMM_MAX_TOKENS:
+        return True
+    return device.type == "cpu" and padded <= 2 * sum(plan.sizes)
 
 
 def _pad_rank(t: torch.Tensor, r_max: int, dim: int) -> torch.Tensor:
@@ -396,9 +536,10 @@ class LoRARouting:
     """Context manager that routes one forward pass's tokens to their adapters.
 
     It also keeps the pass's caches: route plans (shared by every layer with the same
-    spans) and, when no gradient is wanted, the stacked adapter weights. The sampler enters
-    one LoRARouting per decode step and reuses the object, so the caches live across steps;
-    adapter weights must not change while it is in use.
+    spans) and, when no gradient is wanted, the stacked adapter weights and each layer's
+    prepared SegmentBmm. The sampler enters one LoRARouting per decode step and reuses the
+    object, so the caches live across steps; adapters (their weights, and which slots each
+    layer holds) must not change while it is in use.
     """
 
     def __init__(self, layers: dict[str, MultiLoRALinear], spans: Sequence[Span], per_row: bool = False):
@@ -407,6 +548,19 @@ class LoRARouting:
         self.per_row = per_row
         self.plans: dict[tuple, RoutePlan] = {}
         self.stack_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # No-grad forward: each layer's prepared work per input shape (depends on the spans,
+        # so `spans` assignment clears it), and siblings' shared x @ A (cleared every pass).
+        self.prepared: dict[tuple, object] = {}
+        self.shared_h: dict[tuple, tuple] = {}
+
+    @property
+    def spans(self) -> tuple[Span, ...]:
+        return self._spans
+
+    @spans.setter
+    def spans(self, spans: Sequence[Span]) -> None:
+        self._spans = tuple(spans)
+        self.prepared = {}
 
     def plan(self, active: tuple[Span, ...], device: torch.device) -> RoutePlan:
         if active not in self.plans:
@@ -414,17 +568,23 @@ class LoRARouting:
         return self.plans[active]
 
     def __enter__(self) -> "LoRARouting":
+        self.shared_h = {}
         for layer in self.layers.values():
-            layer.spans = self.spans
-            layer.per_row = self.per_row
-            layer.routing = self
+            _set_route(layer, self.spans, self.per_row, self)
         return self
 
     def __exit__(self, *exc) -> None:
+        self.shared_h = {}  # drop the last pass's inputs and products
         for layer in self.layers.values():
-            layer.spans = ()
-            layer.per_row = False
-            layer.routing = None
+            _set_route(layer, (), False, None)
+
+
+def _set_route(layer: MultiLoRALinear, spans: tuple, per_row: bool, routing: Optional[LoRARouting]) -> None:
+    # Plain attributes set past nn.Module.__setattr__ (which checks parameters, buffers and
+    # submodules first): the sampler sets them on every layer twice per decode step.
+    object.__setattr__(layer, "spans", spans)
+    object.__setattr__(layer, "per_row", per_row)
+    object.__setattr__(layer, "routing", routing)
 
 
 def spans_for_rows(row_slots: Sequence[Optional[int]]) -> list[Span]:
