@@ -144,6 +144,12 @@ def resolve_lora_impl(impl: str, device: Optional[torch.device] = None) -> str:
     return impl
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # t.to(dtype) returns t itself when the dtype matches, but only after a trip through the
+    # dispatcher (~1 us); the training path makes thousands of these calls per step.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _SegmentLoRALinear(torch.autograd.Function):
     """y = x W^T (+ bias), then y[s:e] += scaling * (x[s:e] A^T) B^T for each adapter segment:
     a frozen base projection and its routed adapters in one autograd node, backward written
@@ -164,10 +170,10 @@ class _SegmentLoRALinear(torch.autograd.Function):
         out = torch.nn.functional.linear(x2, weight, bias)  # [N, out]
         hs = []  # scaling * x A^T per segment: what B's gradient needs
         for (start, end), scale, a, b in zip(bounds, scalings, factors[0::2], factors[1::2]):
-            h = x2[start:end] @ a.to(x.dtype).t()  # [m, r]
+            h = x2[start:end] @ _as(a, x.dtype).t()  # [m, r]
             if scale != 1.0:
                 h.mul_(scale)
-            out[start:end].addmm_(h, b.to(x.dtype).t())
+            out[start:end].addmm_(h, _as(b, x.dtype).t())
             hs.append(h)
         ctx.bounds, ctx.scalings, ctx.n_factors, ctx.x_shape = bounds, scalings, len(factors), x.shape
         ctx.save_for_backward(x2, weight, *factors, *hs)
@@ -183,14 +189,14 @@ class _SegmentLoRALinear(torch.autograd.Function):
         for k, ((start, end), scale) in enumerate(zip(ctx.bounds, ctx.scalings)):
             a, b, h = factors[2 * k], factors[2 * k + 1], hs[k]
             g = g2[start:end]  # [m, out]
-            grad_h = g @ b.to(g.dtype)  # [m, r], times the scaling: the gradient of x A^T
+            grad_h = g @ _as(b, g.dtype)  # [m, r], times the scaling: the gradient of x A^T
             if scale != 1.0:
                 grad_h.mul_(scale)
             if grad_x is not None:
-                grad_x[start:end].addmm_(grad_h, a.to(g.dtype))
-            factor_grads.append((grad_h.t() @ x2[start:end]).to(a.dtype)
+                grad_x[start:end].addmm_(grad_h, _as(a, g.dtype))
+            factor_grads.append(_as(grad_h.t() @ x2[start:end], a.dtype)
                                 if ctx.needs_input_grad[5 + 2 * k] else None)
-            factor_grads.append((g.t() @ h).to(b.dtype) if ctx.needs_input_grad[6 + 2 * k] else None)
+            factor_grads.append(_as(g.t() @ h, b.dtype) if ctx.needs_input_grad[6 + 2 * k] else None)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, None, None, None, None, *factor_grads)
