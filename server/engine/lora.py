@@ -481,7 +481,7 @@ def _shared_input_siblings(layer: MultiLoRALinear, layers: dict) -> Optional[tup
 
 
 def _segment_bmm_ok(plan: RoutePlan, device: torch.device) -> bool:
-    """Whether a pass without gradients takes MultiLoRALinear._add_segment_bmm."""
+    """Whether a pass without gradients takes SegmentBmm (else the grouped kernel)."""
     padded = plan.padded_tokens
     if padded <= SEGMENT_BMM_MAX_TOKENS:
         return True
