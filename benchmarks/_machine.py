@@ -1,8 +1,7 @@
 """Shared helpers of the benchmark scripts: the machine they ran on, model shapes, timing.
 
 Every script prints JSON lines; each line carries `machine` (hostname, CPU count, torch
-version, device and GPU name, dtype, host allocator settings) so figures are never quoted
-without their hardware.
+version, device and GPU name, dtype) so figures are never quoted without their hardware.
 """
 
 from __future__ import annotations
@@ -16,15 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-# The server's host allocator settings, for both sides of every comparison; before torch
-# loads, which reads them once (so scripts import this module before torch).
-from server.host_memory import tune_host_allocator  # noqa: E402
-
-HOST_ALLOCATOR = tune_host_allocator()
-
-import torch  # noqa: E402
 
 # Public Qwen3 configs (hf.co/Qwen/Qwen3-0.6B, Qwen3-1.7B config.json); random init, no download.
 QWEN3_SHAPES = {
@@ -70,7 +63,6 @@ def machine(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "device": str(device),
         "gpu": gpu,
         "dtype": str(dtype).replace("torch.", ""),
-        "host_allocator": HOST_ALLOCATOR,
     }
 
 

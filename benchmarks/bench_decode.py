@@ -10,11 +10,10 @@ the same adapters, and our tokens/s on the base model alone (multi-LoRA overhead
 
 from __future__ import annotations
 
-# _machine first: it sets up the host allocator before torch loads.
-from _machine import arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine, peft_with_adapters, timed
-
 import numpy as np
 import torch
+
+from _machine import arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine, peft_with_adapters, timed
 
 
 def main() -> None:

@@ -12,12 +12,11 @@ same tokens. Prints one JSON line per K with both times and the speedup.
 
 from __future__ import annotations
 
-# _machine first: it sets up the host allocator before torch loads.
-from _machine import (arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine,
-                      peft_with_adapters, timed_interleaved)
-
 import numpy as np
 import torch
+
+from _machine import (arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine,
+                      peft_with_adapters, timed_interleaved)
 
 ADAM = dict(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
 

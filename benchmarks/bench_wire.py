@@ -25,9 +25,6 @@ Targets (issue 4): ping p50 <= 0.5 ms; >= 1 GB/s.
 
 from __future__ import annotations
 
-# _machine first: it sets up the host allocator before torch loads.
-from _machine import emit, machine
-
 import argparse
 import threading
 import time
@@ -36,6 +33,8 @@ import uuid
 import numpy as np
 import torch
 import zmq
+
+from _machine import emit, machine
 
 from workbench import wire
 from workbench.connection import Connection

@@ -296,10 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_message_mb <= 0 or args.session_timeout <= 0 or args.max_rank < 1:
         raise SystemExit("--max-message-mb and --session-timeout must be > 0, --max-rank >= 1")
 
-    # Before torch loads: it reads its allocator setting once (see server/host_memory.py).
-    from .host_memory import tune_host_allocator
-
-    host_allocator = tune_host_allocator()
     # Heavy imports after argument parsing, so --help is instant.
     from .engine.engine import Engine
     from .frontend import Frontend
@@ -317,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(device=args.device, token_budget=args.token_budget)
     except ValueError as exc:
         raise SystemExit(str(exc))
-    log("host allocator: " + ", ".join(f"{k}={v}" for k, v in host_allocator.items()))
     for name in filter(None, (m.strip() for m in args.models.split(","))):
         try:
             engine.load_model(name)
