@@ -361,7 +361,7 @@ def test_shared_input_siblings_equal_each_alone_and_never_reuse_another_input():
     routing = LoRARouting(layers, spans_for_rows([0, 0, 1, None, 1]), per_row=True)
     xs = [torch.randn(5, 1, 24, generator=g) for _ in range(3)]
 
-    def alone(layer, x):  # the grouped kernel with gradients on: no sharing, no preparing
+    def alone(layer, x):  # with gradients on (the loop): no sharing, no preparing
         with torch.enable_grad():
             return layer.forward_spans(x, [(0, 0, 2), (1, 2, 3), (1, 4, 5)]).detach()
 

@@ -161,7 +161,8 @@ class _SegmentLoRALinear(torch.autograd.Function):
     CPU costs as much as the small LoRA matmuls themselves: a handful of autograd nodes per
     adapter per layer, the base output's separate node, and a second [N, in] gradient that
     autograd would add to the base's (each segment's input gradient goes straight into
-    the base's with addmm_). The base weight must be frozen; it gets no gradient.
+    the base's with addmm_). The base weight is frozen (MultiLoRALinear freezes it); it
+    gets no gradient. Without gradients the same forward runs, recording nothing.
     """
 
     @staticmethod
@@ -211,9 +212,8 @@ class MultiLoRALinear(nn.Module):
         the largest rank, scaling folded into B). No Python loop over adapters in the math.
         Without gradients, up to a size, two torch.bmm over the same stacks instead
         (SegmentBmm).
-      * "loop": one pair of matmuls per adapter span (PEFT's own arithmetic); with
-        gradients, the base projection and every span in one autograd node
-        (`_SegmentLoRALinear`).
+      * "loop": one pair of matmuls per adapter span (PEFT's own arithmetic), the base
+        projection and every span in one autograd node (`_SegmentLoRALinear`).
       * "auto" picks per pass (`pass_impl`): grouped on CUDA; on a CPU, where torch's grouped
         kernel is itself a loop of matmuls, the loop for passes with gradients and grouped
         (the segment-batched bmm) for passes without.
@@ -221,7 +221,9 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, name: str, group: str):
         super().__init__()
-        self.base = base
+        # Frozen here, once: the loop's autograd node (_SegmentLoRALinear) gives the base
+        # weight no gradient.
+        self.base = base.requires_grad_(False)
         self.name = name  # module path inside the model, e.g. model.layers.0.self_attn.q_proj
         self.group = group
         self.in_features = base.in_features
@@ -317,21 +319,9 @@ class MultiLoRALinear(nn.Module):
 
     def _loop(self, x: torch.Tensor, active: Sequence[Span]) -> torch.Tensor:
         pairs = [self.adapters[slot] for slot, _, _ in active]
-        frozen_base = not any(p.requires_grad for p in self.base.parameters())
-        if torch.is_grad_enabled() and frozen_base:
-            factors = [t for pair in pairs for t in (pair.lora_A, pair.lora_B)]
-            return _SegmentLoRALinear.apply(
-                x, self.base.weight, self.base.bias, tuple((s, e) for _, s, e in active),
-                tuple(p.scaling for p in pairs), *factors)
-        out = self.base(x)
-        x_flat = x.reshape(-1, self.in_features)  # [N, in]
-        out_flat = out.reshape(-1, self.out_features)  # [N, out], a view of `out`
-        for pair, (_, start, end) in zip(pairs, active):
-            delta = (x_flat[start:end] @ pair.lora_A.to(x.dtype).t()) @ pair.lora_B.to(x.dtype).t()
-            # In-place add on a view of the base output: autograd records it (CopySlices)
-            # and the base linear's backward does not need its own output.
-            out_flat[start:end].add_(delta, alpha=pair.scaling)
-        return out
+        return _SegmentLoRALinear.apply(
+            x, self.base.weight, self.base.bias, tuple((s, e) for _, s, e in active),
+            tuple(p.scaling for p in pairs), *[t for p in pairs for t in (p.lora_A, p.lora_B)])
 
     def _add_grouped(self, x: torch.Tensor, out: torch.Tensor, active: tuple[Span, ...]) -> None:
         routing = self.routing
