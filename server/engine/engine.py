@@ -137,7 +137,7 @@ class Engine:
         self.device = resolve_device(device)
         self.token_budget = token_budget
         self.logprob_chunk = logprob_chunk
-        self.lora_impl = resolve_lora_impl(lora_impl, self.device)
+        self.lora_impl = resolve_lora_impl(lora_impl)
         self.attention = resolve_attention(attention, self.device)
         self.row_length = row_length
         self.bases: dict[str, BaseModel] = {}
@@ -168,7 +168,7 @@ class Engine:
 
     def set_lora_impl(self, impl: str) -> None:
         """Switch every loaded model's LoRA math ("auto", "loop" or "grouped")."""
-        self.lora_impl = resolve_lora_impl(impl, self.device)
+        self.lora_impl = resolve_lora_impl(impl)
         for base in self.bases.values():
             for layer in base.lora_layers.values():
                 layer.impl = self.lora_impl

@@ -132,7 +132,7 @@ SEGMENT_BMM_MAX_TOKENS = 4096
 LORA_IMPLS = ("auto", "loop", "grouped")
 
 
-def resolve_lora_impl(impl: str, device: Optional[torch.device] = None) -> str:
+def resolve_lora_impl(impl: str) -> str:
     """Check a LoRA implementation name; 'auto' stays 'auto' (chosen per pass, see
     MultiLoRALinear.pass_impl) unless this torch lacks torch._grouped_mm ('loop' then)."""
     if impl not in LORA_IMPLS:
