@@ -198,14 +198,12 @@ class TinkerMagics(Magics):
         return widget
 
     def _events(self, required: bool = True) -> Any:
-        from .widgets.common import EventStream, events_url
-
         if self.session.service is None:
             if required:
                 self._service()
             return None
         try:
-            return EventStream.for_url(events_url(self.session.service))
+            return self.session.service.events()
         except RuntimeError as exc:
             if required:
                 raise UsageError(str(exc)) from None
@@ -240,7 +238,7 @@ class TinkerMagics(Magics):
         return self._connect(args.url, args.key, args.server_key)
 
     def _cmd_stop(self, args: argparse.Namespace) -> TextView:
-        from .widgets.common import EventStream
+        from workbench.events import EventStream
 
         for widget in self.session.widgets:
             widget.close()
@@ -259,13 +257,13 @@ class TinkerMagics(Magics):
 
     def _cmd_status(self, args: argparse.Namespace) -> TextView:
         service = self._service()
-        hello = dict(getattr(getattr(service, "_connection", None), "hello", None) or {})
+        info = service.server_info
         models = [m.model_name for m in service.get_server_capabilities().supported_models]
         events = self._events(required=False)
-        cycle = events.latest.get("cycle") if events is not None and events.latest else hello.get("cycle")
+        cycle = events.latest.get("cycle") if events is not None and events.latest else info.get("cycle")
         rows = [["url", service.base_url], ["embedded", service.local_server is not None],
-                ["protocol", hello.get("protocol", "-")], ["server", hello.get("server", "-")],
-                ["tenant", hello.get("tenant", "-")], ["cycle", cycle if cycle is not None else "-"],
+                ["protocol", info.get("protocol", "-")], ["server", info.get("server", "-")],
+                ["tenant", info.get("tenant", "-")], ["cycle", cycle if cycle is not None else "-"],
                 ["models", ", ".join(models)]]
         return _table(["field", "value"], rows, "wb-status")
 

@@ -155,7 +155,7 @@ def load_curve_secret(path_arg: str, log) -> bytes:
     keypair) if it does not exist; (re)writes the public key to PATH.pub for clients."""
     import zmq
 
-    from workbench.connection import check_curve_key
+    from workbench.wire import check_curve_key
 
     path = Path(os.path.expanduser(path_arg))
     if not path.exists():
@@ -201,95 +201,6 @@ def autosave(runner, log) -> list[str]:
     return paths
 
 
-class Parking:
-    """Park requests from the session book (frontend threads), applied on the engine thread
-    at the start of the next cycle (the engine is only ever touched by that thread). Ids are
-    engine adapter ids: training runs, and samplers on a checkpoint. Unparking needs nothing
-    here: the engine brings a parked adapter back by itself on its next use."""
-
-    def __init__(self, engine):
-        import queue
-
-        self.engine = engine
-        self.pending: "queue.Queue[list[str]]" = queue.Queue()
-
-    def park(self, run_ids: list[str]) -> None:
-        self.pending.put(run_ids)
-
-    def apply(self) -> None:
-        import queue
-
-        while True:
-            try:
-                run_ids = self.pending.get_nowait()
-            except queue.Empty:
-                return
-            for run_id in run_ids:
-                if run_id in self.engine.adapters:  # removed since (a reload replaces it)
-                    self.engine.park(run_id)
-
-
-class Capabilities:
-    """What get_server_capabilities reports: base models (name, parameters, context length,
-    family, tokenizer), losses, maximum rank and cycle mode. A model's card is read from its
-    config (parameters counted on the meta device, so nothing is loaded) and cached."""
-
-    def __init__(self, engine, max_rank: int, cycle_ms: int):
-        from .engine.losses import LOSSES
-        from .engine.models import available_models
-
-        self.engine = engine
-        self.max_rank = max_rank
-        self.cycle_mode = "continuous" if cycle_ms == 0 else f"clock {cycle_ms} ms"
-        self.losses = list(LOSSES)
-        self.listed = available_models()
-        self._cards: dict[str, dict] = {}
-
-    @property
-    def model_names(self) -> list[str]:
-        # Models loaded from local directories join the built-in and cached ones.
-        return [*self.listed, *(n for n in list(self.engine.bases) if n not in self.listed)]
-
-    def response(self) -> dict:
-        return {
-            "supported_models": [self.card(name) for name in self.model_names],
-            "losses": self.losses,
-            "max_lora_rank": self.max_rank,
-            "cycle_mode": self.cycle_mode,
-        }
-
-    def card(self, name: str) -> dict:
-        if name not in self._cards:
-            try:
-                self._cards[name] = {"model_name": name, **_model_card(name)}
-            except Exception as exc:  # an unreadable cached model is listed, not fatal
-                print(f"[workbench-server] no model card for {name}: {exc}", file=sys.stderr)
-                return {"model_name": name}
-        return self._cards[name]
-
-
-def _model_card(name: str) -> dict:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .engine.models import model_source
-
-    source, kwargs = model_source(name)
-    config = AutoConfig.from_pretrained(source, **kwargs)
-    with torch.device("meta"):  # shapes only: no memory, no weights read
-        model = AutoModelForCausalLM.from_config(config)
-    tokenizer_class = None
-    tokenizer_config = Path(source) / "tokenizer_config.json"
-    if tokenizer_config.exists():
-        tokenizer_class = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "context_length": int(getattr(config, "max_position_embeddings", 0)) or None,
-        "family": config.model_type,
-        "tokenizer": tokenizer_class or name,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keys = load_keys(args)
@@ -297,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--max-message-mb and --session-timeout must be > 0, --max-rank >= 1")
 
     # Heavy imports after argument parsing, so --help is instant.
+    from .capabilities import Capabilities
     from .engine.engine import Engine
     from .frontend import Frontend
     from .runner import CycleRunner
@@ -304,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sessions import Sessions
     from .store import Store
     from workbench.errors import ServerError
-    from workbench.local import READY_PREFIX
+    from workbench.wire import READY_PREFIX
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # Before the engine starts, so a bad key file fails in a second, not after model loading.
@@ -322,10 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(Path(args.store) if args.store else default_store())
     scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens)
     runner = CycleRunner(engine, store)
-    parking = Parking(engine)
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
     # One book of client sessions for both frontends; its events go out on the PUB socket.
-    sessions = Sessions(args.session_timeout, on_park=parking.park,
+    sessions = Sessions(args.session_timeout, on_park=runner.park,
                         publish=lambda event: frontend.publish("session", event))
     frontend = Frontend(
         scheduler, keys,
@@ -350,14 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             raise SystemExit(f"cannot bind --tinker-port {args.tinker_port} on {args.host}: {exc}")
 
-    def execute(plan):
-        parking.apply()
-        return runner.execute(plan)
-
     stop = threading.Event()
     engine_thread = threading.Thread(
         target=run_loop, name="engine",
-        args=(scheduler, execute, stop, args.cycle_ms, lambda ev: frontend.publish("cycle", ev)),
+        args=(scheduler, runner.execute, stop, args.cycle_ms, lambda ev: frontend.publish("cycle", ev)),
     )
     engine_thread.start()
 

@@ -41,7 +41,8 @@ from workbench.errors import (
     AuthenticationError, InvalidRequestError, ProtocolError, WorkbenchError,
 )
 
-from .scheduler import PHASES, Scheduler, Work, as_error
+from . import ops
+from .scheduler import Scheduler, Work, as_error
 from .sessions import Key, Sessions
 
 SERVER_VERSION = "0.1.0"
@@ -74,7 +75,7 @@ class Frontend:
         self._stop = threading.Event()
         # Without a shared book (tests, tools) sessions are kept but parking does nothing.
         self.sessions = sessions if sessions is not None else Sessions(120.0)
-        self.max_rank = max_rank
+        self.limits = ops.Limits(max_rank=max_rank)
         self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
         self.url = ""
         self.events_url = ""
@@ -220,13 +221,12 @@ class Frontend:
             self._send(identity, wire.encode(wire.error_reply(request_id, error.to_wire())))
 
     def _dispatch(self, identity: bytes, tenant: str, message: dict) -> None:
-        op, args, request_id = message["op"], message["args"], message["id"]
-        session = self._touch(tenant, op, args)
-        immediate = self._immediate(op, args, tenant)
-        if immediate is not None:
-            self._send(identity, wire.encode(wire.ok_reply(request_id, immediate)))
+        name, args, request_id = message["op"], message["args"], message["id"]
+        op = ops.check_args(name, args, self.limits)
+        session = self._touch(tenant, name, args)
+        if not op.queued:
+            self._send(identity, wire.encode(wire.ok_reply(request_id, self._immediate(name, args, tenant))))
             return
-        check_op_args(op, args, self.max_rank)
 
         def done(result: Any, error: Optional[BaseException]) -> None:
             if session is not None:  # a long request's end is a sign of life too
@@ -238,19 +238,20 @@ class Frontend:
             self._outbox.put((identity, tenant, request_id, reply))
             self._wake()
 
-        if op == "create_model":
+        if name == "create_model":
             done = self._joining_session(tenant, args.get("session_id"), "run", done)
-        elif op == "create_sampling_session" and args.get("model_path"):
+        elif name == "create_sampling_session" and args.get("model_path"):
             # Only a sampler on a checkpoint holds an adapter worth parking.
             done = self._joining_session(tenant, args.get("session_id"), "sampler", done)
         self._replies[(tenant, request_id)] = None  # in flight
         try:
-            self.scheduler.submit(Work.of(op, tenant, args, done))
+            self.scheduler.submit(Work.of(name, tenant, args, done))
         except WorkbenchError:
             del self._replies[(tenant, request_id)]
             raise
 
-    def _immediate(self, op: str, args: dict, tenant: str) -> Optional[dict]:
+    def _immediate(self, op: str, args: dict, tenant: str) -> dict:
+        """The answer of an op the frontend gives at once (phase None in the op table)."""
         if op == "hello":
             return {
                 "protocol": wire.PROTOCOL_VERSION, "server": SERVER_VERSION, "tenant": tenant,
@@ -263,7 +264,7 @@ class Frontend:
             return {"session_id": args["session_id"], "timeout": self.sessions.timeout}
         if op == "get_server_capabilities":
             return self.capabilities()
-        return None
+        raise AssertionError(f"op {op!r} is in the op table as immediate but has no answer here")
 
     # -------------------------------------------------------------- sessions
 
@@ -271,8 +272,6 @@ class Frontend:
         """Record a sign of life of the session this request belongs to (named, or through
         its run or sampler), unparking it, and return its key (None for no known session)."""
         session = args.get("session_id")
-        if op == "heartbeat" and not isinstance(session, str):
-            raise InvalidRequestError("heartbeat needs argument 'session_id' (a string)", "session_id")
         if session is not None and not isinstance(session, str):
             raise InvalidRequestError("session_id must be a string", "session_id")
         return self.sessions.touch_request(tenant, args)
@@ -289,27 +288,6 @@ class Frontend:
         return joining
 
 
-_REQUIRED = {
-    "create_model": {},
-    "create_sampling_session": {},
-    "get_tokenizer": {"base_model": str},
-    "forward": {"model_id": str, "data": list, "loss_fn": str},
-    "forward_backward": {"model_id": str, "data": list, "loss_fn": str},
-    "optim_step": {"model_id": str, "adam_params": dict},
-    "save_state": {"model_id": str},
-    "save_weights_for_sampler": {"model_id": str},
-    "load_state": {"model_id": str, "path": str},
-    "sample": {"sampler_id": str, "prompt": object},
-    "compute_logprobs": {"sampler_id": str, "prompt": object},
-    "list_training_runs": {},
-    "get_training_run": {"run_id": str},
-    "list_checkpoints": {"run_id": str},
-    "list_user_checkpoints": {},
-    "delete_checkpoint": {"path": str},
-    "get_checkpoint_files": {"path": str},
-}
-
-
 def _peek_id(header: Any) -> Optional[str]:
     """The request id of an undecoded message, if its header is readable (for the reply)."""
     try:
@@ -319,37 +297,3 @@ def _peek_id(header: Any) -> Optional[str]:
         return None
     request_id = message.get("id") if isinstance(message, dict) else None
     return request_id if isinstance(request_id, str) else None
-
-
-def check_op_args(op: str, args: dict, max_rank: int) -> None:
-    """What every frontend checks before it queues an engine op (no model needed): a known
-    op, the types of the fields it relies on, and a new run's rank within --max-rank."""
-    if op not in PHASES:
-        raise InvalidRequestError(f"unknown op {op!r}", "op")
-    _check_args(op, args)
-    if op == "create_model" and not args.get("from_state"):
-        rank = args.get("rank", 32)
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
-            raise InvalidRequestError(
-                f"rank must be an integer in [1, {max_rank}] (this server's --max-rank), "
-                f"got {rank!r}", "rank")
-
-
-def _check_args(op: str, args: dict) -> None:
-    """Shape checks that need no model: types of the fields every op relies on."""
-    for name, kind in _REQUIRED[op].items():
-        if name not in args:
-            raise InvalidRequestError(f"{op} needs argument {name!r}", name)
-        if kind is not object and not isinstance(args[name], kind):
-            raise InvalidRequestError(f"{op}: {name} must be a {kind.__name__}", name)
-    if op in ("forward", "forward_backward"):
-        for i, datum in enumerate(args["data"]):
-            if not isinstance(datum, dict) or "tokens" not in datum or not isinstance(datum.get("loss_fn_inputs"), dict):
-                raise InvalidRequestError("each datum needs tokens and loss_fn_inputs", f"data[{i}]")
-    if op == "optim_step":
-        from workbench.types import AdamParams
-
-        try:
-            args["adam_params"] = AdamParams(**args["adam_params"]).model_dump()
-        except Exception as exc:
-            raise InvalidRequestError(f"bad adam_params: {exc}", "adam_params") from None

@@ -1,18 +1,11 @@
 """Clock cycles: per-run queues -> a cycle plan -> the engine -> replies.
 
 Invariant of a cycle: for every run, the cycle takes the longest prefix of its queue whose
-phases never go backwards and which holds at most one optim_step. Phases are the order a
-cycle executes in:
-
-    0 admin        create_model, create_sampling_session, get_tokenizer (in arrival order)
-    1 train        forward / forward_backward of all runs, packed into shared passes
-    3 optim        the optim_steps of the runs that asked
-    4 sample       all sample / compute_logprobs of all samplers, batched together
-    5 checkpoint   save_state, save_weights_for_sampler, load_state
-
-So a forward_backward and an optim_step submitted back to back land in the same cycle, and a
-run's later requests wait for the next cycle. `Scheduler` only keeps books (queues -> plan);
-`CycleRunner` executes a plan against the engine and the store.
+phases never go backwards and which holds at most one optim_step. Phases (`ops.Phase`, one
+per op in the op table `server.ops`) are the order a cycle executes in: admin, train, optim,
+sample, checkpoint. So a forward_backward and an optim_step submitted back to back land in
+the same cycle, and a run's later requests wait for the next cycle. `Scheduler` only keeps
+books (queues -> plan); `CycleRunner` executes a plan against the engine and the store.
 """
 
 from __future__ import annotations
@@ -23,18 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from workbench.errors import InvalidRequestError, QueueFullError, ServerError, WorkbenchError
+from workbench.errors import QueueFullError, ServerError, WorkbenchError
 
-PHASES = {
-    "create_model": 0, "create_sampling_session": 0, "get_tokenizer": 0,
-    # runs and checkpoints (RestClient): admin work, read from / written to the store
-    "list_training_runs": 0, "get_training_run": 0, "list_checkpoints": 0,
-    "list_user_checkpoints": 0, "delete_checkpoint": 0, "get_checkpoint_files": 0,
-    "forward": 1, "forward_backward": 1,
-    "optim_step": 3,
-    "sample": 4, "compute_logprobs": 4,
-    "save_state": 5, "save_weights_for_sampler": 5, "load_state": 5,
-}
+from .ops import OPS, Phase, queue_of, token_cost
 
 
 @dataclass
@@ -50,39 +34,20 @@ class Work:
     submitted: float = field(default_factory=time.time)
 
     @property
-    def phase(self) -> int:
-        return PHASES[self.op]
+    def phase(self) -> Phase:
+        return OPS[self.op].phase
 
     @classmethod
     def of(cls, op: str, tenant: str, args: dict, done: Callable) -> "Work":
         """A request as every frontend queues it: on its run's (or sampler's) queue, else
-        the tenant's admin queue, costed in engine tokens."""
-        queue = args.get("model_id") or args.get("sampler_id") or f"admin:{tenant}"
-        return cls(op, tenant, queue, args, done, tokens=token_cost(op, args))
-
-
-def token_cost(op: str, args: dict) -> int:
-    """Tokens a request will cost the engine: what the fair share of a cycle is counted in.
-    Sampling counts its prompt plus the tokens it may generate; malformed values count 0
-    (the runner rejects them)."""
-    try:
-        if op in ("forward", "forward_backward"):
-            return sum(len(d["tokens"]) for d in args["data"])
-        if op not in ("sample", "compute_logprobs"):
-            return 0
-        tokens = len(args["prompt"])
-        if op == "sample":
-            params = args.get("sampling_params") or {}
-            tokens += int(params.get("max_tokens") or 0) * int(args.get("num_samples", 1))
-        return max(0, tokens)
-    except (TypeError, ValueError, AttributeError, OverflowError, KeyError):
-        return 0
+        the tenant's admin queue, costed in engine tokens (both from the op table)."""
+        return cls(op, tenant, queue_of(op, tenant, args), args, done, tokens=token_cost(op, args))
 
 
 @dataclass
 class CyclePlan:
     cycle: int
-    by_phase: dict[int, list[Work]]
+    by_phase: dict[Phase, list[Work]]
 
     def works(self) -> list[Work]:
         return [w for phase in sorted(self.by_phase) for w in self.by_phase[phase]]
@@ -167,7 +132,7 @@ class Scheduler:
         """
         with self._cond:
             self._cycle += 1
-            by_phase: dict[int, list[Work]] = {}
+            by_phase: dict[Phase, list[Work]] = {}
             by_tenant: dict[str, list[str]] = {}
             for name, queue in self._queues.items():
                 if queue:
@@ -193,18 +158,18 @@ def _take_prefix(queue: deque[Work], budget: list) -> list[Work]:
     optim_steps = 0
     while queue:
         work = queue[0]
-        if work.phase < phase or (work.op == "optim_step" and optim_steps):
+        if work.phase < phase or (work.phase == Phase.OPTIM and optim_steps):
             break
-        if work.phase == 0 and taken:  # admin work runs alone, in arrival order
+        if work.phase == Phase.ADMIN and taken:  # admin work runs alone, in arrival order
             break
         if taken and budget[0] is not None and work.tokens > budget[0]:
             break
-        optim_steps += work.op == "optim_step"
+        optim_steps += work.phase == Phase.OPTIM
         phase = work.phase
         taken.append(queue.popleft())
         if budget[0] is not None:
             budget[0] = max(0, budget[0] - work.tokens)
-        if work.phase == 0:
+        if work.phase == Phase.ADMIN:
             break
     return taken
 
@@ -288,10 +253,8 @@ def _collect_metrics(plan: CyclePlan) -> dict[str, dict[str, dict]]:
 
 
 def as_error(exc: BaseException) -> WorkbenchError:
-    from .engine.engine import EngineInputError  # not at the top: the books need no torch
-
+    """The error a client is told: a WorkbenchError as it is (the engine's input errors are
+    InvalidRequestErrors), anything else as a ServerError naming the exception."""
     if isinstance(exc, WorkbenchError):
         return exc
-    if isinstance(exc, EngineInputError):
-        return InvalidRequestError(exc.message, exc.where)
     return ServerError(f"{type(exc).__name__}: {exc}")

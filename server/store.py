@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import InvalidRequestError, NotFoundError
-# The one wb:// parser, shared with the SDK (its errors are InvalidRequestErrors at "path").
-from workbench.rest_client import KINDS, SCHEME, parse_checkpoint_path
-from workbench.rest_client import NAME_RE as _NAME_RE
+# The one wb:// grammar, shared with the SDK (its errors are InvalidRequestErrors at "path").
+from workbench.paths import KINDS, SCHEME, parse_checkpoint_path
+from workbench.paths import NAME_RE as _NAME_RE
 
 
 def check_name(name: str) -> str:

@@ -55,8 +55,7 @@ from workbench.errors import (
     AuthenticationError, InvalidRequestError, NotFoundError, QueueFullError,
 )
 
-from . import tinker_proto
-from .frontend import check_op_args
+from . import ops, tinker_proto
 from .scheduler import Scheduler, Work, as_error
 from .sessions import Sessions
 
@@ -169,7 +168,7 @@ class TinkerGateway:
         # The ZeroMQ frontend's book (shared parking); a private one keeps books only.
         self.sessions = sessions if sessions is not None else Sessions(120.0)
         self.keys = keys  # api key -> tenant (the ZeroMQ frontend's mapping)
-        self.max_rank = max_rank  # the frontend's --max-rank check, applied to create_model
+        self.limits = ops.Limits(max_rank=max_rank)  # the ZeroMQ frontend's bounds, the same table
         self.capabilities = capabilities
         self.tokenizer_id = tokenizer_id
         self.hold_s, self.gap_timeout_s, self.max_futures = hold_s, gap_timeout_s, max_futures
@@ -280,7 +279,7 @@ class TinkerGateway:
     def _submit(self, tenant: str, op: str, args: dict) -> "asyncio.Future":
         """Check and queue `op` exactly as the ZeroMQ frontend does; the returned future
         resolves on this loop."""
-        check_op_args(op, args, self.max_rank)
+        ops.check_args(op, args, self.limits)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 

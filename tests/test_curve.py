@@ -71,10 +71,8 @@ def test_restart_with_the_same_secret_file_keeps_the_public_key(curve_server, tm
 
 
 def test_train_sample_and_events_through_curve(curve_service):
-    from kernel_ext.widgets.common import EventStream
-
-    # No key given: the stream finds the one the ServiceClient connected with.
-    stream = EventStream(curve_service.events_url)
+    # No key given: the stream gets the one of the ServiceClient that opens it.
+    stream = curve_service.events()
     events: list[dict] = []
     stream.subscribe(events.append)
     plain = zmq.Context.instance().socket(zmq.SUB)  # no CURVE: must hear nothing
@@ -167,7 +165,7 @@ def test_plain_zeromq_gets_no_reply_but_curve_does(curve_server):
 
 
 def test_invalid_keys_raise_value_errors_naming_the_argument(monkeypatch):
-    from kernel_ext.widgets.common import EventStream
+    from workbench.events import EventStream
 
     url = "tcp://127.0.0.1:9"  # never reached: the key is checked first
     for bad in ("not-a-key", "~" * 40, "#" * 40):
@@ -223,7 +221,6 @@ def test_ready_line_parsing():
 def test_wildcard_bound_server_advertises_events_the_client_can_reach(tmp_path):
     """Bound to 0.0.0.0 (the remote-use setup), the server advertises tcp://0.0.0.0:<port>
     for events; the client substitutes the host it dialled, and the stream delivers."""
-    from kernel_ext.widgets.common import EventStream
     from workbench.connection import reachable_events_url
 
     assert reachable_events_url("tcp://0.0.0.0:5001", "tcp://10.1.2.3:7788") == "tcp://10.1.2.3:5001"
@@ -236,7 +233,7 @@ def test_wildcard_bound_server_advertises_events_the_client_can_reach(tmp_path):
                                    server_public_key=running.server_public_key)
         assert service.events_url.startswith("tcp://127.0.0.1:")
         events: list[dict] = []
-        stream = EventStream(service.events_url)
+        stream = service.events()
         stream.subscribe(events.append)
         try:
             time.sleep(0.5)  # PUB/SUB slow joiner

@@ -122,7 +122,7 @@ def test_segment_bmm_path_without_gradients_equals_loop(monkeypatch):
     segment] layout (up to a size); beyond it the grouped kernel. Both equal the loop: with
     equal segments added in place into the base output (a view), with unequal ones padded
     and the padding dropped, and with gaps or unordered spans gathered."""
-    from server.engine import lora
+    from server.engine import lora, lora_decode
 
     layer = layer_with_adapters(24, 40, [(2, 4.0), (8, 8.0), (5, 20.0)], seed=2)
     x = torch.randn(2, 15, 24, generator=torch.Generator().manual_seed(3))
@@ -130,8 +130,8 @@ def test_segment_bmm_path_without_gradients_equals_loop(monkeypatch):
              [(0, 0, 4), (1, 4, 9), (2, 9, 30)],  # contiguous, unequal: padded
              [(2, 3, 7), (0, 12, 20), (7, 20, 22), (1, 25, 29), (1, 29, 30)]]  # gathered, a slot twice
     calls = []
-    original = lora.SegmentBmm.add
-    monkeypatch.setattr(lora.SegmentBmm, "add",
+    original = lora_decode.SegmentBmm.add
+    monkeypatch.setattr(lora_decode.SegmentBmm, "add",
                         lambda self, *args: calls.append(1) or original(self, *args))
     for spans in cases:
         with torch.no_grad():
@@ -140,7 +140,7 @@ def test_segment_bmm_path_without_gradients_equals_loop(monkeypatch):
             layer.impl = "grouped"
             for limit, bmm in ((10**6, True), (0, False)):
                 before = len(calls)
-                monkeypatch.setattr(lora, "SEGMENT_BMM_MAX_TOKENS", limit)
+                monkeypatch.setattr(lora_decode, "SEGMENT_BMM_MAX_TOKENS", limit)
                 # limit 0 on CPU: only passes whose padding at most doubles the rows stay on bmm
                 got = layer.forward_spans(x, spans)
                 plan = lora.make_route_plan([s for s in spans if s[0] in layer.adapters], x.device)
@@ -349,7 +349,7 @@ def test_shared_input_siblings_equal_each_alone_and_never_reuse_another_input():
     equals its own product, and a cached product is reused only for the very same,
     unmodified tensor: not for an equal-shaped new one (the next step) nor after an
     in-place change, nor across passes."""
-    from server.engine import lora
+    from server.engine import lora_decode
     from server.engine.lora import LoRARouting, spans_for_rows
 
     g = torch.Generator().manual_seed(4)
@@ -371,7 +371,7 @@ def test_shared_input_siblings_equal_each_alone_and_never_reuse_another_input():
                 got = {name: layer(x) for name, layer in layers.items()}
             for name, layer in layers.items():
                 torch.testing.assert_close(got[name], alone(layer, x), rtol=1e-6, atol=1e-6)
-            assert all(isinstance(p, lora.SegmentBmm) and p.shared for p in routing.prepared.values())
+            assert all(isinstance(p, lora_decode.SegmentBmm) and p.shared for p in routing.prepared.values())
             assert routing.shared_h == {}  # a pass's inputs are dropped when it ends
         with routing:  # within one pass: a new tensor, then the same one changed in place
             layers["attn.q_proj"](xs[0])

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from server.__main__ import _model_card
+from server.capabilities import _model_card
 from server.engine.models import load_base_model, model_source
 from server.tinker_http import tokenizer_id
 from server.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_dir

@@ -131,10 +131,10 @@ def test_exposed_bind_without_keys_warns_loudly(tmp_path, capsys):
 
 
 def test_one_wb_path_parser_for_the_sdk_and_the_store(tmp_path):
-    """workbench.rest_client.parse_checkpoint_path is the only wb:// parser: the SDK's bad
+    """workbench.paths.parse_checkpoint_path is the only wb:// parser: the SDK's bad
     argument (a ValueError) and the server's InvalidRequestError at "path" are one error."""
     from workbench.errors import InvalidRequestError
-    from workbench.rest_client import CheckpointPathError, parse_checkpoint_path
+    from workbench.paths import CheckpointPathError, parse_checkpoint_path
 
     assert parse_checkpoint_path("wb://run-1a/sampler_weights/step.2") == ("run-1a", "sampler_weights", "step.2")
     bad = ["tinker://run-1/weights/a", "wb://run-1/weights", "wb://run-1/optimizer/a", "wb://../weights/a",

@@ -22,48 +22,17 @@ import uuid
 from typing import Any, Optional
 
 import zmq
-from zmq.utils import z85
 
 from . import wire
 from .errors import ConnectionFailedError, InvalidRequestError, ProtocolError, error_from_wire
 from .futures import APIFuture
+# A protocol fact (workbench.wire); re-exported so `workbench.connection.check_curve_key` works.
+from .wire import check_curve_key
 
 CLIENT_VERSION = "0.1.0"
 HEARTBEAT_S = 5.0  # how often the I/O thread tells the server each session is alive
 _ids = itertools.count()
-
-
 SERVER_KEY_ENV = "WORKBENCH_SERVER_KEY"
-_Z85_CHARS = frozenset(z85.Z85CHARS.decode())
-# events URL -> server public key, filled by connections that said hello through CURVE, so
-# an event subscriber given only a ServiceClient's events_url finds the key to use.
-_event_keys: dict[str, bytes] = {}
-_PUBLIC_KEY_HINT = ("expected the 40-character public key the server printed as curve_public_key= "
-                    "(also in its --curve-secret-file PATH.pub)")
-
-
-def check_curve_key(value: "str | bytes", name: str = "server_public_key",
-                    hint: str = _PUBLIC_KEY_HINT) -> bytes:
-    """A CURVE key as ZeroMQ wants it: 40 z85 characters (32 bytes). Surrounding whitespace
-    (a key pasted from a file) is dropped; anything else wrong raises a ValueError naming
-    `name`, followed by `hint` (what the value should have been)."""
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError(f"{name}: not a z85 CURVE key (non-ASCII bytes)") from None
-    if not isinstance(value, str):
-        raise ValueError(f"{name}: expected a 40-character z85 string, got {type(value).__name__}")
-    key = value.strip()
-    bad = sorted(set(key) - _Z85_CHARS)
-    if len(key) != 40 or bad:
-        why = f"{len(key)} characters" if len(key) != 40 else f"characters not in z85: {''.join(bad)!r}"
-        raise ValueError(f"{name}: not a z85 CURVE key ({why}); {hint}")
-    try:
-        z85.decode(key)  # 5 characters over 2**32 are z85-shaped but invalid
-    except Exception:
-        raise ValueError(f"{name}: not a valid z85 CURVE key (a 5-character group overflows); {hint}") from None
-    return key.encode("ascii")
 
 
 def resolve_server_key(server_public_key: "str | bytes | None") -> Optional[bytes]:
@@ -94,11 +63,6 @@ def reachable_events_url(events_url: str, request_url: str) -> str:
         return events_url
     dialled = request_url.partition("://")[2].rpartition(":")[0]
     return f"tcp://{dialled}:{port}" if dialled else events_url
-
-
-def server_key_for_events(events_url: str) -> Optional[bytes]:
-    """The CURVE key a connection in this process used for the server of this events URL."""
-    return _event_keys.get(events_url)
 
 
 def how_to_start_a_server(url: str, server_key: Optional[bytes] = None) -> str:
@@ -171,8 +135,6 @@ class Connection:
             )
         if self.hello.get("events_url"):
             self.hello["events_url"] = reachable_events_url(self.hello["events_url"], url)
-        if self.server_public_key is not None and self.hello.get("events_url"):
-            _event_keys[self.hello["events_url"]] = self.server_public_key
 
     # ---------------------------------------------------------------- calls
 
@@ -324,3 +286,21 @@ class Connection:
 
     def __getstate__(self) -> Any:
         raise TypeError("a Connection cannot be pickled; pickle the SamplingClient instead")
+
+
+_connections: dict[tuple[str, str, Optional[bytes], int], Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def connection_for(url: str, api_key: str, connect_timeout: float = 60.0,
+                   server_public_key: Optional[bytes] = None) -> Connection:
+    """One shared connection per (url, key, CURVE server key) per process (re-made after a
+    fork). The server key is part of the identity, so a client with a wrong key never
+    borrows a working connection, nor the reverse."""
+    key = (url, api_key, server_public_key, os.getpid())
+    with _connections_lock:
+        conn = _connections.get(key)
+        if conn is None or conn._closed:
+            conn = Connection(url, api_key, connect_timeout, server_public_key)
+            _connections[key] = conn
+        return conn

@@ -7,7 +7,7 @@ die without running atexit (a crash, SIGKILL).
 
 The server's ready line is ``workbench-server ready url=<url>`` followed by optional
 ``name=value`` fields (``curve_public_key=<z85>`` when it runs with --curve-secret-file);
-`parse_ready_line` reads it for any launcher of the server.
+`workbench.wire.parse_ready_line` reads it for any launcher of the server.
 """
 
 from __future__ import annotations
@@ -21,16 +21,8 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-READY_PREFIX = "workbench-server ready url="
-
-
-def parse_ready_line(line: str) -> Optional[tuple[str, dict[str, str]]]:
-    """(url, extra fields) from a ready line; None for any other line. Fields are
-    space-separated name=value pairs; a value may itself contain '=' (z85 keys do)."""
-    if not line.startswith(READY_PREFIX):
-        return None
-    url, *rest = line[len(READY_PREFIX):].split()
-    return url, dict(field.split("=", 1) for field in rest if "=" in field)
+# The ready line's grammar is a protocol fact (workbench.wire); re-exported for old imports.
+from .wire import READY_PREFIX, parse_ready_line  # noqa: F401
 
 
 class LocalServer:

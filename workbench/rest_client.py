@@ -7,42 +7,22 @@ parts, ``weights/<name>`` or ``sampler_weights/<name>``, as in Tinker.
 
 Only the caller's own runs exist for it: another tenant's runs and paths are NotFound.
 
-`parse_checkpoint_path` is the one parser of ``wb://`` paths: the server's store uses it too.
+Paths are checked with `workbench.paths.parse_checkpoint_path`, the one parser of ``wb://``
+paths (the server's store uses it too); its names stay importable from here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from . import types
-from .errors import InvalidRequestError
 from .futures import APIFuture, map_future
+# The checkpoint path grammar lives in workbench.paths; re-exported here for old imports.
+from .paths import KINDS, NAME_RE, SCHEME, CheckpointPathError, parse_checkpoint_path  # noqa: F401
 
-SCHEME = "wb://"
-KINDS = ("weights", "sampler_weights")  # a training state; weights only
-# A run id or checkpoint name: safe as one path component on the server's disk.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 AccessScope = Literal["owned", "accessible"]
-
-
-class CheckpointPathError(InvalidRequestError, ValueError):
-    """A malformed checkpoint path: the server answers it as an InvalidRequestError, and
-    SDK callers may catch it as the ValueError a bad argument is."""
-
-
-def parse_checkpoint_path(path: Any, where: str = "path") -> tuple[str, str, str]:
-    """wb://<run_id>/<kind>/<name> -> (run_id, kind, name); CheckpointPathError naming the
-    expected form otherwise (kind is weights or sampler_weights; run id and name are 1-128
-    letters, digits, '.', '_' or '-', starting with a letter or digit)."""
-    parts = path[len(SCHEME):].split("/") if isinstance(path, str) and path.startswith(SCHEME) else []
-    if len(parts) != 3 or parts[1] not in KINDS or not all(NAME_RE.match(p) for p in (parts[0], parts[2])):
-        raise CheckpointPathError(
-            f"bad checkpoint path {path!r}; expected {SCHEME}<run_id>/weights/<name> or "
-            f"{SCHEME}<run_id>/sampler_weights/<name>", where)
-    return parts[0], parts[1], parts[2]
 
 
 class RestClient:

@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import types, wire
+from .connection import connection_for
 from .futures import APIFuture, map_future
 
 
@@ -120,7 +121,5 @@ def _ints(prompt: Any) -> Sequence[int]:
 def _restore(url: str, api_key: str, sampler_id: str, base_model: str, model_path: Optional[str],
              server_public_key: Optional[bytes] = None):
     # server_public_key defaults to None so pickles made before CURVE existed still load.
-    from .service_client import connection_for
-
     return SamplingClient(connection_for(url, api_key, server_public_key=server_public_key),
                           sampler_id, base_model, model_path)

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
-import threading
 import uuid
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from . import types
-from .connection import Connection, check_curve_key, resolve_server_key
+# connection_for lives with the connection; re-exported here for old imports.
+from .connection import connection_for, resolve_server_key
+from .events import DEFAULT_TOPICS, EventStream
 from .rest_client import RestClient
 from .sampling_client import SamplingClient
 from .training_client import TrainingClient
-
-_connections: dict[tuple[str, str, Optional[bytes], int], Connection] = {}
-_connections_lock = threading.Lock()
-
-
-def connection_for(url: str, api_key: str, connect_timeout: float = 60.0,
-                   server_public_key: Optional[bytes] = None) -> Connection:
-    """One shared connection per (url, key, CURVE server key) per process (re-made after a
-    fork). The server key is part of the identity, so a client with a wrong key never
-    borrows a working connection, nor the reverse."""
-    key = (url, api_key, server_public_key, os.getpid())
-    with _connections_lock:
-        conn = _connections.get(key)
-        if conn is None or conn._closed:
-            conn = Connection(url, api_key, connect_timeout, server_public_key)
-            _connections[key] = conn
-        return conn
+from .wire import check_curve_key
 
 
 class ServiceClient:
@@ -74,10 +60,27 @@ class ServiceClient:
         self._finalizer = weakref.finalize(self, self._connection.remove_session, self.session_id)
 
     @property
+    def server_info(self) -> dict:
+        """What the server said in its hello reply (a copy): protocol, server version,
+        tenant (whom this client's key names), events_url, cycle (then), max_message_bytes,
+        and what it serves (device, models, ...)."""
+        return copy.deepcopy(self._connection.hello or {})
+
+    @property
     def events_url(self) -> Optional[str]:
-        """The server's event stream (a ZeroMQ PUB socket; topic ``cycle``), from its hello.
-        On a CURVE server a subscriber needs `server_public_key` too (`curve_client`)."""
+        """The server's event stream (a ZeroMQ PUB socket; topics ``cycle`` and ``session``),
+        from its hello. `events()` subscribes to it (with this client's CURVE key, if any)."""
         return (self._connection.hello or {}).get("events_url")
+
+    def events(self, topics: Sequence[str] = DEFAULT_TOPICS) -> EventStream:
+        """The server's events on these topics: the process's shared `EventStream` for this
+        server, encrypted with this client's CURVE key when it has one. Subscribe with
+        ``stream.subscribe(fn)``; ``stream.latest`` is the last event. RuntimeError if the
+        server announced no event stream."""
+        url = self.events_url
+        if not url:
+            raise RuntimeError("this server announced no event stream (no events_url in its hello reply)")
+        return EventStream.for_url(url, self._connection.server_public_key, topics)
 
     @property
     def server_public_key(self) -> Optional[str]:

@@ -16,6 +16,10 @@ from typing import Any, Literal, Optional, Sequence, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The losses (names, inputs, config keys, the request check) live in the registry,
+# workbench.losses; importable from here as in Tinker and as before.
+from .losses import LOSS_CONFIG_KEYS, LOSS_INPUTS, LossFnType, loss_request_problem  # noqa: F401
+
 __all__ = [
     "AdamParams",
     "Checkpoint",
@@ -147,65 +151,11 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-# What each loss reads besides target_tokens, and its config keys (reference/tinker-api.md).
-# The one table: the client validates against it, and the server's engine imports it.
-LOSS_INPUTS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": ("weights",),
-    "importance_sampling": ("logprobs", "advantages"),
-    "ppo": ("logprobs", "advantages"),
-    "cispo": ("logprobs", "advantages"),
-    "dro": ("logprobs", "advantages"),
-}
-LOSS_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": (),
-    "importance_sampling": (),
-    "ppo": ("clip_low_threshold", "clip_high_threshold"),
-    "cispo": ("clip_low_threshold", "clip_high_threshold"),
-    "dro": ("beta",),
-}
-
-def loss_request_problem(
-    loss_fn: str, loss_fn_config: Optional[dict], data: Sequence[tuple[int, dict[str, np.ndarray]]],
-) -> Optional[tuple[str, str]]:
-    """(message, where) of the first thing wrong with a forward / forward_backward request
-    that can be told without the model, else None. `data` holds, per datum, its
-    model_input length and its loss_fn_inputs as arrays. The one check: the client runs it
-    before sending (a bad datum fails at once), the engine again on what arrives, before
-    its own checks that need the model (vocabulary, context)."""
-    if loss_fn not in LOSS_INPUTS:
-        return f"unknown loss_fn {loss_fn!r}; choose one of {', '.join(LOSS_INPUTS)}", "loss_fn"
-    config = loss_fn_config or {}
-    unknown = sorted(set(config) - set(LOSS_CONFIG_KEYS[loss_fn]))
-    if unknown:
-        return (f"loss_fn_config keys {unknown} are not used by {loss_fn} (it reads "
-                f"{list(LOSS_CONFIG_KEYS[loss_fn]) or 'none'})", "loss_fn_config")
-    if loss_fn == "dro" and "beta" not in config:
-        return "the dro loss needs loss_fn_config['beta']", "loss_fn_config"
-    if not data:
-        return "data is empty: pass at least one Datum", "data"
-    for i, (n, inputs) in enumerate(data):
-        if n == 0:
-            return "model_input is empty", f"data[{i}].model_input"
-        for name in ("target_tokens", *LOSS_INPUTS[loss_fn]):
-            if name not in inputs:
-                return f"{loss_fn} needs loss_fn_inputs[{name!r}]", f"data[{i}].loss_fn_inputs.{name}"
-        for name, array in inputs.items():
-            where = f"data[{i}].loss_fn_inputs.{name}"
-            if array.shape != (n,):
-                return (f"{name} has shape {list(array.shape)}, expected [{n}] (the model_input's "
-                        "length: position i predicts target i)", where)
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                return (f"{name} contains NaN or inf (first at position "
-                        f"{int(np.flatnonzero(~np.isfinite(array))[0])})", where)
-    return None
-
-
-# Loss inputs whose dtype is fixed by their meaning (Tinker converts the same way).
+# Loss inputs whose dtype is fixed by their meaning (Tinker converts the same way): token
+# ids, and the per-token numbers the registry's losses read (weights, logprobs, advantages).
 _LOSS_INPUT_DTYPES: dict[str, TensorDtype] = {
     "target_tokens": "int64",
-    "weights": "float32",
-    "advantages": "float32",
-    "logprobs": "float32",
+    **{name: "float32" for inputs in LOSS_INPUTS.values() for name in inputs},
 }
 
 
@@ -243,9 +193,6 @@ class Datum(StrictBase):
                 f"loss_fn_inputs must be a dict of name -> array, got {type(value).__name__}"
             )
         return {name: _to_tensor_data(name, v) for name, v in value.items()}
-
-
-LossFnType = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
 
 
 class SamplingParams(StrictBase):

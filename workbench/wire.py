@@ -25,9 +25,14 @@ Events (PUB socket at hello's events_url), by topic:
     session  {session, state: "parked" | "resumed", runs, samplers,
               reason: "silent" | "finished" (parked only)}
 
-Ops (args -> result; arrays are numpy on both sides):
+Ops (args -> result; arrays are numpy on both sides). The server's op table
+(`server/ops.py`) holds each op's phase, required arguments, owner and cost; the payload
+conversions below are used on both sides (the client builds and reads, the server reads and
+builds the same shapes through them).
 
-    hello                    {client}                         -> {protocol, server, tenant}
+    hello                    {client}                         -> {protocol, server, tenant,
+                                                                  events_url, ...}
+    ping                     {}                               -> {time, cycle}
     heartbeat                {session_id}                     -> {session_id, timeout}
                              (immediate; sent per ServiceClient every third of the
                              timeout, at most 5 s; a session silent for `timeout` seconds
@@ -37,7 +42,6 @@ Ops (args -> result; arrays are numpy on both sides):
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
                               user_metadata, session_id}      -> {model_id}
-    get_info                 {model_id}                       -> GetInfoResponse
     forward / forward_backward
                              {model_id, data: [datum], loss_fn, loss_fn_config}
                                                               -> ForwardBackwardOutput
@@ -72,7 +76,7 @@ import msgpack
 import numpy as np
 
 from . import types
-from .errors import ProtocolError
+from .errors import InvalidRequestError, ProtocolError
 
 PROTOCOL_VERSION = 1
 ARRAY_EXT = 1
@@ -206,13 +210,38 @@ def datum_to_wire(datum: types.Datum) -> dict:
     }
 
 
+def datum_arrays(message: Any, where: str = "data[0]") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A datum as it arrives, as arrays: (tokens int64[N], {name: array}). The border
+    check of its layout: InvalidRequestError (at `where`) for anything but a map with 1-D
+    integer tokens and numeric loss inputs. The server reads datums through this."""
+    if not isinstance(message, dict) or not isinstance(message.get("loss_fn_inputs"), dict):
+        raise InvalidRequestError("a datum is a map of tokens and loss_fn_inputs", where)
+    tokens = _numeric(message.get("tokens"), f"{where}.model_input", "tokens")
+    if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise InvalidRequestError(
+            f"tokens must be a 1-D array of integer token ids, got dtype {tokens.dtype} and shape "
+            f"{list(tokens.shape)}", f"{where}.model_input")
+    inputs = {}
+    for name, value in message["loss_fn_inputs"].items():
+        inputs[name] = _numeric(value, f"{where}.loss_fn_inputs.{name}", name)
+    return tokens.astype(np.int64, copy=False), inputs
+
+
+def _numeric(value: Any, where: str, name: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # ragged nested lists
+        array = None
+    if array is None or array.dtype.kind not in "biuf":
+        raise InvalidRequestError(f"{name} must be an array of numbers", where)
+    return array
+
+
 def datum_from_wire(message: dict) -> types.Datum:
+    tokens, inputs = datum_arrays(message)
     return types.Datum(
-        model_input=types.ModelInput.from_ints(np.asarray(message["tokens"]).tolist()),
-        loss_fn_inputs={
-            name: types.TensorData.from_numpy(np.asarray(array))
-            for name, array in message["loss_fn_inputs"].items()
-        },
+        model_input=types.ModelInput.from_ints(tokens.tolist()),
+        loss_fn_inputs={name: types.TensorData.from_numpy(array) for name, array in inputs.items()},
     )
 
 
@@ -233,6 +262,13 @@ def forward_output_from_wire(message: dict) -> types.ForwardBackwardOutput:
         ],
         metrics=dict(message["metrics"]),
     )
+
+
+def sequence_to_wire(tokens: Iterable[int], logprobs: Iterable[float], stop_reason: str) -> dict:
+    """One sampled sequence, as `sample_response_to_wire` takes it."""
+    return {"tokens": np.asarray(tokens, dtype=np.int32).reshape(-1),
+            "logprobs": np.asarray(logprobs, dtype=np.float32).reshape(-1),
+            "stop_reason": stop_reason}
 
 
 def sample_response_to_wire(
@@ -261,3 +297,50 @@ def sample_response_from_wire(message: dict) -> types.SampleResponse:
         prompt_logprobs=message.get("prompt_logprobs"),
         topk_prompt_logprobs=message.get("topk_prompt_logprobs"),
     )
+
+
+# ------------------------------------------------ the server process's handshake facts
+# How a launcher learns where a started server listens (its ready line on stdout) and what
+# a CURVE key must look like. Both ends use these: the server prints the ready line and
+# checks its secret file; clients (workbench.local, ServiceClient) parse and check.
+
+READY_PREFIX = "workbench-server ready url="
+
+
+def parse_ready_line(line: str) -> Optional[tuple[str, dict[str, str]]]:
+    """(url, extra fields) from a ready line; None for any other line. Fields are
+    space-separated name=value pairs; a value may itself contain '=' (z85 keys do)."""
+    if not line.startswith(READY_PREFIX):
+        return None
+    url, *rest = line[len(READY_PREFIX):].split()
+    return url, dict(field.split("=", 1) for field in rest if "=" in field)
+
+
+_PUBLIC_KEY_HINT = ("expected the 40-character public key the server printed as curve_public_key= "
+                    "(also in its --curve-secret-file PATH.pub)")
+
+
+def check_curve_key(value: "str | bytes", name: str = "server_public_key",
+                    hint: str = _PUBLIC_KEY_HINT) -> bytes:
+    """A CURVE key as ZeroMQ wants it: 40 z85 characters (32 bytes). Surrounding whitespace
+    (a key pasted from a file) is dropped; anything else wrong raises a ValueError naming
+    `name`, followed by `hint` (what the value should have been)."""
+    from zmq.utils import z85  # here, not at the top: the codec above needs no ZeroMQ
+
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not a z85 CURVE key (non-ASCII bytes)") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a 40-character z85 string, got {type(value).__name__}")
+    key = value.strip()
+    bad = sorted(set(key) - set(z85.Z85CHARS.decode()))
+    if len(key) != 40 or bad:
+        why = f"{len(key)} characters" if len(key) != 40 else f"characters not in z85: {''.join(bad)!r}"
+        raise ValueError(f"{name}: not a z85 CURVE key ({why}); {hint}")
+    try:
+        z85.decode(key)  # 5 characters over 2**32 are z85-shaped but invalid
+    except Exception:
+        raise ValueError(f"{name}: not a valid z85 CURVE key (a 5-character group overflows); {hint}") from None
+    return key.encode("ascii")

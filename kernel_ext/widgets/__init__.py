@@ -5,7 +5,9 @@ Each widget is a plain object holding ipywidgets / plotly FigureWidgets (`.widge
 text snapshots elsewhere) and is released with `.close()`.
 """
 
-from .common import EventStream, Throttle, downsample, ema
+from workbench.events import EventStream  # the SDK's, re-exported for old imports
+
+from .common import Throttle, downsample, ema
 from .loss_curve import LossCurve
 from .monitor import ServerMonitor
 from .rollouts import RolloutDashboard

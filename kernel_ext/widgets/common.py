@@ -1,7 +1,7 @@
-"""Shared widget plumbing: update throttling, downsampling, smoothing, the event stream.
+"""Shared widget plumbing: update throttling, downsampling, smoothing.
 
-Widgets are fed from background threads (the SDK's I/O thread calls listeners; the event
-stream has its own thread). Every update of a FigureWidget resends whole arrays to the
+Widgets are fed from background threads (the SDK's I/O thread calls listeners; the SDK's
+event stream, `workbench.events.EventStream`, has its own thread). Every update of a FigureWidget resends whole arrays to the
 browser, so widgets never redraw per event: they mark themselves dirty and a `Throttle`
 redraws at most a few times a second, each redraw one plotly `batch_update()`.
 """
@@ -13,6 +13,9 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
+
+# The event stream is the SDK's (workbench.events); re-exported for old imports.
+from workbench.events import EventStream  # noqa: F401
 
 MAX_POINTS = 2000
 MAX_UPDATES_PER_SECOND = 4.0
@@ -137,100 +140,9 @@ def widget_bundle(widget: Any, text: str, html_snapshot: str) -> dict:
 
 
 def events_url(service: Any) -> str:
-    """The server's event-stream URL (from the hello reply)."""
+    """The server's event-stream URL (from the hello reply); RuntimeError if it has none.
+    To subscribe, `service.events()` is simpler: it also brings the CURVE key."""
     url = service.events_url
     if not url:
         raise RuntimeError("this server announced no event stream (no events_url in its hello reply)")
     return url
-
-
-class EventStream:
-    """Subscribes to the server's PUB socket on a background thread and fans events out.
-
-    One per events URL per process (`EventStream.for_url`); subscribers get every decoded
-    event dict (`fn(event)`) on the stream's thread. `latest` holds the last event seen.
-    On a CURVE server (--curve-secret-file) the SUB socket encrypts with `server_public_key`;
-    left None, it uses the key of this process's ServiceClient connected to that server, if
-    any (so `EventStream.for_url(service.events_url)` works either way).
-    """
-
-    _streams: dict[str, "EventStream"] = {}
-    _streams_lock = threading.Lock()
-
-    def __init__(self, url: str, topics: Sequence[str] = ("cycle",),
-                 server_public_key: "str | bytes | None" = None):
-        import zmq
-
-        from workbench.connection import check_curve_key, server_key_for_events
-
-        self.url = url
-        self._server_key = (check_curve_key(server_public_key) if server_public_key is not None
-                            else server_key_for_events(url))
-        self.latest: Optional[dict] = None
-        self.received = 0
-        self._subscribers: list[Callable[[dict], None]] = []
-        self._stop = threading.Event()
-        self._ctx = zmq.Context()
-        self._topics = [t.encode() for t in topics]
-        self._thread = threading.Thread(target=self._loop, name="workbench-events", daemon=True)
-        self._thread.start()
-
-    @classmethod
-    def for_url(cls, url: str, server_public_key: "str | bytes | None" = None) -> "EventStream":
-        with cls._streams_lock:
-            stream = cls._streams.get(url)
-            if stream is None or stream._stop.is_set():
-                stream = cls._streams[url] = cls(url, server_public_key=server_public_key)
-            return stream
-
-    def subscribe(self, fn: Callable[[dict], None]) -> None:
-        self._subscribers.append(fn)
-
-    def unsubscribe(self, fn: Callable[[dict], None]) -> None:
-        if fn in self._subscribers:
-            self._subscribers.remove(fn)
-
-    def _loop(self) -> None:
-        import zmq
-
-        from workbench import wire
-        from workbench.connection import curve_client
-
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        curve_client(sub, self._server_key)
-        for topic in self._topics:
-            sub.setsockopt(zmq.SUBSCRIBE, topic)
-        sub.connect(self.url)
-        try:
-            while not self._stop.is_set():
-                if not sub.poll(200):
-                    continue
-                frames = sub.recv_multipart()
-                try:
-                    event = wire.decode(frames[1:])
-                except Exception:
-                    continue  # a corrupt event is skipped; the next cycle brings fresh figures
-                self.latest = event
-                self.received += 1
-                for fn in list(self._subscribers):
-                    try:
-                        fn(event)
-                    except Exception:
-                        traceback.print_exc()
-        finally:
-            sub.close(0)
-            self._ctx.term()
-
-    def close(self) -> None:
-        self._stop.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=2)
-        with self._streams_lock:
-            if self._streams.get(self.url) is self:
-                del self._streams[self.url]
-
-    @classmethod
-    def close_all(cls) -> None:
-        for stream in list(cls._streams.values()):
-            stream.close()

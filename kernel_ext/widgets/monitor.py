@@ -12,8 +12,10 @@ import html
 import threading
 from typing import Any, Optional
 
+from workbench.events import EventStream
+
 from .. import render
-from .common import MAX_POINTS, EventStream, Throttle, downsample, widget_bundle
+from .common import MAX_POINTS, Throttle, downsample, widget_bundle
 
 PANELS = ("tenants", "tokens", "seconds", "queue_depth")
 

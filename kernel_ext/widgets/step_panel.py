@@ -16,7 +16,9 @@ import threading
 import traceback
 from typing import Any, Iterable, Iterator, Optional
 
-from .common import EventStream, Throttle, widget_bundle
+from workbench.events import EventStream
+
+from .common import Throttle, widget_bundle
 
 
 def _as_batch(item: Any) -> list:

@@ -16,24 +16,21 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from workbench.types import LOSS_INPUTS, loss_request_problem
+from workbench.errors import InvalidRequestError
+from workbench.losses import LOSS_INPUTS, loss_request_problem
 
 from . import losses as L
 from .lora import LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
 from .optim import AdapterOptimizer, step_adapters
 from .attention import FLEX_BLOCK, attention_implementation, flex_document_mask, resolve_attention, sdpa_document_mask
-from .packing import build_micro_batch, plan_micro_batches
-from .sampler import SampleOutput, SampleRequest, generate
+from .packing import MicroBatch, PackedSequence, PassSequence, build_micro_batch, plan_micro_batches
+from .sampler import SampleOutput, SampleRequest, generate, sample_request_problem
 
 
-class EngineInputError(ValueError):
-    """Bad input for one request; `where` names the datum and field (e.g. data[3].weights)."""
-
-    def __init__(self, message: str, where: Optional[str] = None):
-        super().__init__(message)
-        self.message = message
-        self.where = where
+class EngineInputError(InvalidRequestError, ValueError):
+    """Bad input for one request; `where` names the datum and field (e.g. data[3].weights).
+    An InvalidRequestError, so it reaches the client as one without a translation step."""
 
 
 @dataclass(frozen=True)
@@ -253,16 +250,6 @@ class Engine:
             if adapter_id not in keep:
                 self.park(adapter_id)
 
-    def snapshot_adapter(self, adapter_id: str, snapshot_id: str) -> Adapter:
-        """An immutable copy of an adapter's current weights, for sampling."""
-        src = self.adapters[adapter_id]
-        self._use([adapter_id])
-        pairs = {
-            name: LoRAPair(p.lora_A.detach().clone(), p.lora_B.detach().clone(), p.scaling)
-            for name, p in src.pairs.items()
-        }
-        return self._register(snapshot_id, src.base, src.config, pairs, trainable=False)
-
     def adapter(self, adapter_id: str) -> Adapter:
         try:
             return self.adapters[adapter_id]
@@ -338,14 +325,14 @@ class Engine:
         return results
 
     def _packed_pass(self, base: BaseModel, items: list[ForwardItem], backward: bool) -> list[ForwardResult]:
-        seqs = []  # (item index, datum index, tokens, slot)
+        seqs: list[PassSequence] = []  # every datum of the pass; PackedSequence.key indexes it
         for k, item in enumerate(items):
             slot = self.adapters[item.adapter_id].slot if item.adapter_id else None
             for d, datum in enumerate(item.data):
-                seqs.append((k, d, datum.tokens, slot))
+                seqs.append(PassSequence(item=k, datum=d, tokens=datum.tokens, slot=slot))
         logprobs: list[list[Optional[np.ndarray]]] = [[None] * len(it.data) for it in items]
         loss_sums = [0.0] * len(items)
-        tokens, slots = [s[2] for s in seqs], [s[3] for s in seqs]
+        tokens, slots = [s.tokens for s in seqs], [s.slot for s in seqs]
         plan = plan_micro_batches([len(t) for t in tokens], slots, self.token_budget, self.row_length)
         pad = base.tokenizer.pad_token_id
         for rows in plan:
@@ -353,17 +340,17 @@ class Engine:
                 rows, tokens, slots, base.device, pad_id=int(pad) if pad is not None else 0,
                 row_multiple=FLEX_BLOCK if self.attention == "flex" and base.device.type == "cuda" else 1,
             )
+            origins = [seqs[seq.key] for seq in batch.sequences]  # in layout (compact) order
             targets = torch.from_numpy(np.concatenate([
-                np.asarray(items[seqs[seq.key][0]].data[seqs[seq.key][1]].inputs["target_tokens"], np.int64)
-                for seq in batch.sequences
+                np.asarray(items[o.item].data[o.datum].inputs["target_tokens"], np.int64) for o in origins
             ])).to(base.device)
             # Each item's sequences of this micro-batch, in compact order: every loss is a sum
             # of per-token terms, so one call on their concatenated tokens gives the item's
             # loss with a few ops per item instead of a few per sequence (and one host-to-
             # device copy per loss input, not one per sequence).
-            by_item: dict[int, list] = {}
-            for seq in batch.sequences:
-                by_item.setdefault(seqs[seq.key][0], []).append(seq)
+            by_item: dict[int, list[PackedSequence]] = {}  # item index -> its sequences here
+            for seq, origin in zip(batch.sequences, origins):
+                by_item.setdefault(origin.item, []).append(seq)
             with torch.set_grad_enabled(backward):
                 lp_T = self._target_logprobs(base, batch, targets)  # [T]
                 total = lp_T.new_zeros(())
@@ -374,7 +361,7 @@ class Engine:
                     lp = lp_T.index_select(0, torch.from_numpy(index).to(base.device))
                     inputs = {
                         name: torch.from_numpy(np.concatenate([
-                            np.asarray(item.data[seqs[q.key][1]].inputs[name], np.float32) for q in members
+                            np.asarray(item.data[seqs[q.key].datum].inputs[name], np.float32) for q in members
                         ])).to(base.device)
                         for name in LOSS_INPUTS[item.loss_fn]
                     }
@@ -388,15 +375,14 @@ class Engine:
             lp_host = lp_T.detach().float().cpu().numpy()
             for k, loss in zip(by_item, torch.stack(losses).cpu().tolist()):
                 loss_sums[k] += loss
-            for seq in batch.sequences:
-                k, d = seqs[seq.key][0], seqs[seq.key][1]
-                logprobs[k][d] = lp_host[seq.start:seq.start + seq.length].copy()
+            for seq, origin in zip(batch.sequences, origins):
+                logprobs[origin.item][origin.datum] = lp_host[seq.start:seq.start + seq.length].copy()
         return [
             ForwardResult(logprobs=logprobs[k], metrics={"loss:sum": loss_sums[k]})
             for k in range(len(items))
         ]
 
-    def _target_logprobs(self, base: BaseModel, batch, targets: torch.Tensor) -> torch.Tensor:
+    def _target_logprobs(self, base: BaseModel, batch: MicroBatch, targets: torch.Tensor) -> torch.Tensor:
         """Target logprobs [T] of the batch's real tokens, in compact (sequence) order."""
         decoder = base.model.get_decoder()
         mode = self.attention
@@ -456,8 +442,9 @@ class Engine:
         """Generate for every request in one batch; each request's slot picks its adapter.
 
         Raises EngineInputError (where = requests[i].<field>) before any compute when a
-        prompt is empty, holds a token outside the vocabulary, or prompt + max_tokens does
-        not fit the model's context.
+        request's slot holds no adapter of this base, or the request fails
+        sampler.sample_request_problem (empty prompt, token outside the vocabulary,
+        prompt + max_tokens beyond the model's context, num_samples, top_p, temperature).
         """
         base = self.load_model(base_name)
         for i, req in enumerate(requests):
@@ -467,26 +454,16 @@ class Engine:
         return generate(base, requests, pad_id=int(pad) if pad is not None else 0)
 
     def _check_sample_request(self, base: BaseModel, i: int, req: SampleRequest) -> None:
+        """What only the engine knows (which adapter holds the slot), then the one request
+        check every sample request passes, sampler.sample_request_problem."""
         where = f"requests[{i}]"
         if req.slot is not None and req.slot not in self._slot_owner:
             raise EngineInputError(f"no adapter holds slot {req.slot}", f"{where}.model_id")
         if req.slot is not None and self.adapters[self._slot_owner[req.slot]].base != base.name:
             raise EngineInputError("the adapter belongs to another base model", f"{where}.model_id")
-        if not req.prompt:
-            raise EngineInputError("prompt is empty", f"{where}.prompt")
-        if min(req.prompt) < 0 or max(req.prompt) >= base.vocab_size:
-            raise EngineInputError(
-                f"prompt token outside the vocabulary [0, {base.vocab_size})", f"{where}.prompt"
-            )
-        if req.max_tokens < 1:
-            raise EngineInputError(f"max_tokens must be >= 1, got {req.max_tokens}", f"{where}.sampling_params.max_tokens")
-        if req.num_samples < 1:
-            raise EngineInputError(f"num_samples must be >= 1, got {req.num_samples}", f"{where}.num_samples")
-        if len(req.prompt) + req.max_tokens > base.max_length:
-            raise EngineInputError(
-                f"prompt of {len(req.prompt)} tokens + max_tokens {req.max_tokens} exceeds the "
-                f"model's context of {base.max_length}", f"{where}.sampling_params.max_tokens",
-            )
+        problem = sample_request_problem(req, base.vocab_size, base.max_length)
+        if problem is not None:
+            raise EngineInputError(problem[0], f"{where}.{problem[1]}")
 
     def prompt_logprobs(
         self, base_name: str, requests: Sequence[tuple[Optional[str], np.ndarray]],

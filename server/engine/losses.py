@@ -1,16 +1,17 @@
-"""Tinker's loss functions, as sums over tokens (no mean), and chunked target logprobs.
+"""The loss formulas, keyed by the registry's names, and chunked target logprobs.
+
+What each loss reads (loss_fn_inputs, loss_fn_config keys, which are required) and its
+formula in one line are in the registry, `workbench.losses.LOSS_SPECS`; requests are checked
+against it (`loss_request_problem`) before any formula runs. This module holds the math
+only: `LOSSES` maps every registry name to its formula, and importing it fails if the two
+differ (tests/test_loss_registry.py checks the rest: inputs and config keys each formula
+reads are the registry's).
 
 Every loss takes target logprobs `lp` [N] (with grad) and the matching loss_fn_inputs
 (tensors of length N) and returns a scalar: a sum of per-token terms, so the tokens of
 several datums, concatenated, give the sum of their losses (the engine calls each loss once
 per request and micro-batch). Prompt positions are masked by weight 0 or
-advantage 0. Formulas (reference/tinker-api.md):
-
-    cross_entropy        sum(-lp * w)                                  any real w, negative too
-    importance_sampling  -sum(exp(lp - q) * A)
-    ppo                  -sum(min(r * A, clip(r, lo, hi) * A)),         r = exp(lp - q)
-    cispo                -sum(stopgrad(clip(r, lo, hi)) * lp * A)
-    dro                  -sum(lp * A - 0.5 * beta * (lp - q)^2)
+advantage 0.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from workbench.losses import LOSS_NAMES
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
@@ -56,20 +59,24 @@ def cispo(lp, inputs, config):
 
 
 def dro(lp, inputs, config):
-    if "beta" not in config:
-        raise ValueError("the dro loss needs loss_fn_config['beta']")
-    beta = float(config["beta"])
+    beta = float(config["beta"])  # required by the registry: checked before any formula runs
     q = inputs["logprobs"]
     return -(lp * inputs["advantages"] - 0.5 * beta * (lp - q) ** 2).sum()
 
 
-LOSSES: dict[str, LossFn] = {
+_FORMULAS: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
 }
+if set(_FORMULAS) != set(LOSS_NAMES):
+    raise RuntimeError(  # not ImportError: an optional-import guard must not swallow it
+        f"loss formulas {sorted(_FORMULAS)} and the registry's losses {sorted(LOSS_NAMES)} "
+        "differ: every workbench.losses.LOSS_SPECS entry needs its formula here, and only those")
+# The formulas in the registry's order (the order the server reports them in).
+LOSSES: dict[str, LossFn] = {name: _FORMULAS[name] for name in LOSS_NAMES}
 
 
 def _chunk_logprobs(

@@ -18,16 +18,27 @@ passes an explicit mask built from `MicroBatch.doc_ids`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .lora import Span
 
 
+class PassSequence(NamedTuple):
+    """One sequence of a packed pass as the engine knows it (Engine._packed_pass keeps a
+    list of them; PackedSequence.key indexes that list): which request and datum it is."""
+
+    item: int  # index of its request (ForwardItem) in the pass
+    datum: int  # index of the datum in that request's data
+    tokens: np.ndarray  # int [N]
+    slot: Optional[int]  # adapter slot; None = base model only
+
+
 @dataclass
 class PackedSequence:
-    key: int  # the caller's index of this sequence
+    key: int  # the caller's index of this sequence (into its list of PassSequence)
     slot: Optional[int]  # adapter slot; None = base model only
     start: int  # offset in the compact [T] order of real tokens (targets, logprobs)
     length: int

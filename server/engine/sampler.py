@@ -7,13 +7,19 @@ left-padded; positions come from the attention mask so padding does not shift th
 Logprobs returned for sampled tokens are those of the model's own distribution (temperature
 1, no top-k / top-p), the same quantity `forward` and `compute_logprobs` report, so
 importance ratios start at exactly 1 for an unchanged policy.
+
+`sample_request_problem` is the one check of a sample request (prompt, vocabulary, context,
+num_samples, max_tokens, top_p, temperature): the server runs it on each request as it
+turns the wire args into a SampleRequest (`sample_request_from_args`), and `Engine.sample`
+again on every request it is given, after what only the engine knows (adapter slots).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from .lora import LoRARouting, spans_for_rows
@@ -32,6 +38,71 @@ class SampleRequest:
     seed: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
+
+
+def sample_request_problem(req: SampleRequest, vocab_size: int, max_length: int) -> Optional[tuple[str, str]]:
+    """(message, field) of the first thing wrong with a request for a model of `vocab_size`
+    tokens and a context of `max_length`, else None. `field` is relative to the request
+    (prompt, num_samples, sampling_params.<name>); prompt + max_tokens may fill the context."""
+    prompt = req.prompt
+    if not prompt:
+        return "prompt is empty", "prompt"
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        return f"prompt token outside the vocabulary [0, {vocab_size})", "prompt"
+    if req.num_samples < 1:
+        return f"num_samples must be >= 1, got {req.num_samples}", "num_samples"
+    room = max_length - len(prompt)
+    if room < 1:
+        return f"prompt of {len(prompt)} tokens leaves no room in the context of {max_length}", "prompt"
+    if req.max_tokens < 1 or req.max_tokens > room:
+        return (f"max_tokens must be in [1, {room}] for this prompt, got {req.max_tokens}",
+                "sampling_params.max_tokens")
+    if not 0.0 < req.top_p <= 1.0:
+        return f"top_p must be in (0, 1], got {req.top_p}", "sampling_params.top_p"
+    if req.temperature < 0:
+        return "temperature must be >= 0", "sampling_params.temperature"
+    return None
+
+
+def sample_request_from_args(
+    args: dict[str, Any], base: BaseModel, slot: Optional[int], seed_fallback: Callable[[], int],
+) -> SampleRequest:
+    """The SampleRequest of a sample op's wire args ({prompt, num_samples, sampling_params}),
+    checked (`sample_request_problem`); raises EngineInputError (where = the args' field).
+
+    max_tokens None: all the room the context leaves. stop: a string, a list of strings or
+    a list of token ids; none keeps the model's end-of-sequence ids. seed None:
+    `seed_fallback()`. `slot`: the adapter's (None: the base model)."""
+    from .engine import EngineInputError  # engine.py imports this module at its top
+
+    params = args.get("sampling_params") or {}
+    prompt = np.asarray(args["prompt"]).astype(np.int64).tolist()
+    max_tokens = params.get("max_tokens")
+    stop = params.get("stop")
+    stop_ids, stop_strings = list(base.eos_token_ids), []
+    if isinstance(stop, str):
+        stop_strings = [stop]
+    elif isinstance(stop, list) and stop:
+        if all(isinstance(s, str) for s in stop):
+            stop_strings = list(stop)
+        elif all(isinstance(s, int) for s in stop):
+            stop_ids = [int(s) for s in stop]
+        else:
+            raise EngineInputError("stop must be a string, a list of strings or a list of token ids",
+                                   "sampling_params.stop")
+    seed = params.get("seed")
+    req = SampleRequest(
+        slot=slot, prompt=prompt, num_samples=int(args.get("num_samples", 1)),
+        max_tokens=base.max_length - len(prompt) if max_tokens is None else int(max_tokens),
+        temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1)),
+        top_p=float(params.get("top_p", 1.0)),
+        seed=int(seed) if seed is not None else seed_fallback(),
+        stop_token_ids=stop_ids, stop_strings=stop_strings,
+    )
+    problem = sample_request_problem(req, base.vocab_size, base.max_length)
+    if problem is not None:
+        raise EngineInputError(*problem)
+    return req
 
 
 @dataclass

@@ -5,8 +5,8 @@
 Every step: snapshot the weights into a fresh sampling client, roll out `group_size` attempts
 at each of `groups_per_batch` problems, centre rewards within each group (constant groups
 dropped and counted), optionally shape advantages with a KL penalty against the base model,
-then one forward_backward (importance_sampling by default; ppo, cispo, dro selectable) and
-optim_step submitted back to back.
+then one forward_backward (importance_sampling by default; any policy loss of the registry,
+workbench.losses.POLICY_LOSSES, selectable) and optim_step submitted back to back.
 
 `async_off_by_one`: the rollouts of batch i+1 start (on a worker thread, with the sampler of
 the weights before step i) while step i trains, so sampling overlaps training. The data is
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
+from ..losses import PolicyLossType
 from ..rl.advantages import add_kl_penalty, compute_advantages, remove_constant_reward_groups
 from ..rl.data_processing import assemble_training_data, loss_datums, loss_fn_config
 from ..rl.problem_env import ProblemDataset
@@ -39,7 +40,7 @@ class Config(common.BaseConfig):
     max_tokens: int = 16  # sampling budget per attempt
     temperature: float = 1.0  # sampling temperature
     top_k: int = -1  # sample among the k likeliest tokens only (-1: all)
-    loss_fn: Literal["importance_sampling", "ppo", "cispo", "dro"] = "importance_sampling"  # policy loss
+    loss_fn: PolicyLossType = "importance_sampling"  # policy loss (workbench.losses.POLICY_LOSSES)
     clip_low: float = 0.8  # ppo/cispo ratio clip, low end
     clip_high: float = 1.2  # ppo/cispo ratio clip, high end
     dro_beta: float = 0.05  # dro's quadratic penalty

@@ -1,7 +1,9 @@
-"""Trajectories -> training Datums for importance_sampling, ppo, cispo and dro.
+"""Trajectories -> training Datums for the policy losses (workbench.losses.POLICY_LOSSES:
+importance_sampling, ppo, cispo, dro).
 
-All four policy-gradient losses read the same inputs (reference/tinker-api.md): target_tokens,
-logprobs (the sampler's, q) and advantages, next-token aligned with the model input. Prompt
+Every policy-gradient loss reads the same inputs (reference/tinker-api.md; the registry
+checks it): target_tokens, logprobs (the sampler's, q) and advantages, next-token aligned
+with the model input. Prompt
 (observation) positions get advantage 0, so they contribute nothing; action positions get
 the trajectory's advantage. A `mask` (1 on action tokens) rides along for client-side
 bookkeeping (KL shaping, metrics) and is removed by `loss_datums` before sending.
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..losses import POLICY_LOSSES, loss_spec
 from ..types import Datum, ModelInput
 from .types import Trajectory, TrajectoryGroup
 
-POLICY_LOSSES = ("importance_sampling", "ppo", "cispo", "dro")
+# POLICY_LOSSES (from the registry) stays importable from here.
 
 
 def trajectory_to_datums(trajectory: Trajectory, advantage: float) -> list[Datum]:
@@ -93,11 +96,13 @@ def loss_datums(data: Sequence[Datum]) -> list[Datum]:
 
 def loss_fn_config(loss_fn: str, clip_low: float = 0.8, clip_high: float = 1.2,
                    dro_beta: float = 0.05) -> Optional[dict]:
-    """The loss_fn_config each policy loss takes (None for importance_sampling)."""
-    if loss_fn == "importance_sampling":
-        return None
-    if loss_fn in ("ppo", "cispo"):
-        return {"clip_low_threshold": clip_low, "clip_high_threshold": clip_high}
-    if loss_fn == "dro":
-        return {"beta": dro_beta}
-    raise ValueError(f"unknown RL loss {loss_fn!r}; choose one of {', '.join(POLICY_LOSSES)}")
+    """The loss_fn_config of a policy loss: the registry's config keys of `loss_fn`, each
+    given the value below (None for a loss without config keys, importance_sampling)."""
+    if loss_fn not in POLICY_LOSSES:
+        raise ValueError(f"unknown RL loss {loss_fn!r}; choose one of {', '.join(POLICY_LOSSES)}")
+    values = {"clip_low_threshold": clip_low, "clip_high_threshold": clip_high, "beta": dro_beta}
+    keys = loss_spec(loss_fn).config_keys
+    missing = [k for k in keys if k not in values]
+    if missing:  # a new policy loss's config key: give it a parameter above
+        raise ValueError(f"loss_fn_config has no value for {loss_fn}'s config keys {missing}")
+    return {k: values[k] for k in keys} or None

@@ -1,0 +1,151 @@
+"""The live registry: which training runs and sampling sessions exist, who owns them, and
+their adapters' lifecycle in the engine and the store (create, save, load). Engine thread only.
+
+A run's id is its store run id and its engine adapter id; a sampler on a checkpoint holds an
+adapter of its own under the sampler id. Another tenant's run or sampler reads as not found.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+from workbench.errors import InvalidRequestError, NotFoundError
+
+from .engine.engine import AdapterConfig, Engine, random_seed
+from .store import Store, parse_checkpoint_path
+
+
+@dataclass
+class Run:
+    run_id: str
+    tenant: str
+    base_model: str
+    config: AdapterConfig
+
+
+@dataclass
+class Sampler:
+    sampler_id: str
+    tenant: str
+    base_model: str
+    adapter_id: Optional[str]  # None = the base model alone
+
+
+class Runs:
+    def __init__(self, engine: Engine, store: Store):
+        self.engine = engine
+        self.store = store
+        self.runs: dict[str, Run] = {}
+        self.samplers: dict[str, Sampler] = {}
+
+    # ---------------------------------------------------------- owner checks
+
+    def run(self, run_id: str, tenant: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None or run.tenant != tenant:
+            raise NotFoundError(f"training run {run_id!r} not found", "model_id")
+        return run
+
+    def sampler(self, sampler_id: str, tenant: str) -> Sampler:
+        sampler = self.samplers.get(sampler_id)
+        if sampler is None or sampler.tenant != tenant:
+            raise NotFoundError(f"sampling session {sampler_id!r} not found", "sampler_id")
+        return sampler
+
+    def load_base(self, name: str):
+        try:
+            return self.engine.load_model(name)
+        except ValueError as exc:
+            raise NotFoundError(str(exc), "base_model") from None
+
+    # ------------------------------------------------------------- creation
+
+    def create_model(self, tenant: str, args: dict) -> dict:
+        if args.get("from_state"):
+            return self._create_from_state(tenant, args["from_state"], bool(args.get("optimizer")))
+        base_model = args["base_model"]
+        self.load_base(base_model)
+        seed = args.get("seed")
+        config = AdapterConfig(
+            rank=int(args.get("rank", 32)),
+            alpha=float(args.get("alpha", 32.0)),
+            seed=int(seed) if seed is not None else random_seed(),
+            train_attn=bool(args.get("train_attn", True)),
+            train_mlp=bool(args.get("train_mlp", True)),
+            train_unembed=bool(args.get("train_unembed", True)),
+        )
+        if config.rank < 1:
+            raise InvalidRequestError(f"rank must be >= 1, got {config.rank}", "rank")
+        run_id = self._new_run(tenant, base_model, config, args.get("user_metadata"))
+        self.engine.create_adapter(run_id, base_model, config)
+        return self._created(run_id)
+
+    def _create_from_state(self, tenant: str, uri: str, optimizer: bool) -> dict:
+        meta, config = self.checkpoint_run(uri, tenant)
+        tensors, _, optimizer_state = self.store.load_checkpoint(uri, tenant)
+        run_id = self._new_run(tenant, meta["base_model"], config, meta.get("user_metadata"))
+        self.engine.import_adapter(run_id, meta["base_model"], config, tensors, trainable=True,
+                                   optimizer_state=optimizer_state if optimizer else None)
+        return self._created(run_id)
+
+    def _new_run(self, tenant, base_model, config, user_metadata) -> str:
+        run_id = self.store.new_run(tenant, {
+            "base_model": base_model, "lora": config.__dict__, "user_metadata": user_metadata,
+        })
+        self.runs[run_id] = Run(run_id, tenant, base_model, config)
+        return run_id
+
+    def _created(self, run_id: str) -> dict:
+        run = self.runs[run_id]
+        return {"model_id": run_id, "base_model": run.base_model, "rank": run.config.rank,
+                "arch": self.engine.bases[run.base_model].arch}
+
+    def create_sampler(self, tenant: str, args: dict) -> dict:
+        sampler_id = "sampler-" + secrets.token_hex(6)
+        if args.get("model_path"):
+            uri = args["model_path"]
+            meta, config = self.checkpoint_run(uri, tenant)
+            tensors, _, _ = self.store.load_checkpoint(uri, tenant)
+            self.engine.import_adapter(sampler_id, meta["base_model"], config, tensors, trainable=False)
+            self.samplers[sampler_id] = Sampler(sampler_id, tenant, meta["base_model"], sampler_id)
+            return {"sampler_id": sampler_id, "base_model": meta["base_model"]}
+        base_model = args.get("base_model")
+        if not base_model:
+            raise InvalidRequestError("give model_path or base_model", "model_path")
+        self.load_base(base_model)
+        self.samplers[sampler_id] = Sampler(sampler_id, tenant, base_model, None)
+        return {"sampler_id": sampler_id, "base_model": base_model}
+
+    # ----------------------------------------------------------- checkpoints
+
+    def save(self, run: Run, name: str, with_optimizer: bool) -> str:
+        """Store a run's adapter as a checkpoint: a training state (weights + AdamW state,
+        wb://<run>/weights/<name>) or, without the optimizer, sampler weights; its path."""
+        tensors, peft_config = self.engine.export_adapter(run.run_id)
+        if not with_optimizer:
+            return self.store.save_checkpoint(run.tenant, run.run_id, "sampler_weights", name, tensors, peft_config)
+        optimizer = self.engine.optimizer_state(run.run_id)
+        return self.store.save_checkpoint(run.tenant, run.run_id, "weights", name, tensors, peft_config, optimizer)
+
+    def checkpoint_run(self, uri: str, tenant: str) -> tuple[dict, AdapterConfig]:
+        """The stored record of the run a checkpoint path belongs to (NotFound for another
+        tenant's), and that run's LoRA config, which the checkpoint's tensors have."""
+        meta = self.store.run_meta(parse_checkpoint_path(uri)[0], tenant)
+        return meta, AdapterConfig(**meta["lora"])
+
+    def load_state(self, run: Run, uri: str, with_optimizer: bool) -> dict:
+        meta, config = self.checkpoint_run(uri, run.tenant)
+        if meta["base_model"] != run.base_model:
+            raise InvalidRequestError(
+                f"checkpoint is for base model {meta['base_model']!r}, this run uses {run.base_model!r}", "path")
+        tensors, _, optimizer = self.store.load_checkpoint(uri, run.tenant)
+        if config.rank != run.config.rank:
+            raise InvalidRequestError(f"checkpoint has rank {config.rank}, this run has {run.config.rank}", "path")
+        self.engine.remove_adapter(run.run_id)
+        self.engine.import_adapter(
+            run.run_id, run.base_model, run.config, tensors, trainable=True,
+            optimizer_state=optimizer if with_optimizer else None,
+        )
+        return {"path": uri}
