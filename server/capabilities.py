@@ -13,13 +13,14 @@ class Capabilities:
     """The get_server_capabilities answer; model cards are cached once read."""
 
     def __init__(self, engine, max_rank: int, cycle_ms: int):
-        from .engine.losses import LOSSES
+        from workbench.losses import LOSS_NAMES
+
         from .engine.models import available_models
 
         self.engine = engine
         self.max_rank = max_rank
         self.cycle_mode = "continuous" if cycle_ms == 0 else f"clock {cycle_ms} ms"
-        self.losses = list(LOSSES)
+        self.losses = list(LOSS_NAMES)
         self.listed = available_models()
         self._cards: dict[str, dict] = {}
 

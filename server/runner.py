@@ -17,10 +17,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from workbench import wire
-from workbench.errors import InvalidRequestError
 
 from .engine.engine import Engine, EngineDatum, ForwardItem, random_seed
-from .engine.sampler import SampleRequest
+from .engine.sampler import SampleRequest, sample_request_from_args
 from .listings import Listings
 from .ops import Phase
 from .runs import Run, Runs, Sampler
@@ -255,10 +254,7 @@ class CycleRunner:
                 finish(work, {**result, "prompt_logprobs": out})
 
     def _sample_request(self, work: Work, sampler: Sampler, base) -> SampleRequest:
-        """The engine's SampleRequest of a sample op, checked (sampler.sample_request_from_args)."""
-        from .engine.engine import random_seed
-        from .engine.sampler import sample_request_from_args
-
+        """The engine's SampleRequest of a sample op, checked (sample_request_from_args)."""
         slot = self.engine.adapters[sampler.adapter_id].slot if sampler.adapter_id else None
         return sample_request_from_args(work.args, base, slot, random_seed)
 

@@ -54,33 +54,13 @@ from starlette.routing import Route
 from workbench.errors import (
     AuthenticationError, InvalidRequestError, NotFoundError, QueueFullError,
 )
+from workbench.paths import SCHEME as WB, TINKER_SCHEME as TINKER, to_tinker, to_wb
 
 from . import ops, tinker_proto
 from .scheduler import Scheduler, Work, as_error
 from .sessions import Sessions
 
-TINKER, WB = "tinker://", "wb://"
 _PROTO = "application/x-protobuf"
-
-
-def to_wb(path: Any, where: str = "path") -> str:
-    """tinker://<run_id>/<kind>/<name> -> wb://... (wb:// is accepted as it is)."""
-    if isinstance(path, str) and path.startswith(TINKER):
-        return WB + path[len(TINKER):]
-    if isinstance(path, str) and path.startswith(WB):
-        return path
-    raise InvalidRequestError(f"expected a checkpoint path tinker://<run_id>/weights/<name>, got {path!r}", where)
-
-
-def to_tinker(value: Any) -> Any:
-    """Every wb:// string inside a result, as tinker://."""
-    if isinstance(value, str) and value.startswith(WB):
-        return TINKER + value[len(WB):]
-    if isinstance(value, dict):
-        return {k: to_tinker(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_tinker(v) for v in value]
-    return value
 
 
 def _checkpoint(record: Optional[dict]) -> Optional[dict]:

@@ -97,7 +97,7 @@ def test_heartbeats_keep_a_session_from_being_parked(tmp_path):
         service = wb.ServiceClient(base_url=running.url, api_key=running.api_key)
         events = zmq.Context.instance().socket(zmq.SUB)
         events.setsockopt(zmq.SUBSCRIBE, b"session")
-        events.connect(service._connection.hello["events_url"])
+        events.connect(service.server_info["events_url"])
         live = service.create_lora_training_client(BASE, rank=4, seed=0)
         silent = Connection(running.url, running.api_key)  # no sessions added: never beats
         silent_run = silent.call("create_model", {"base_model": BASE, "rank": 4, "session_id": "silent"}).result(60)

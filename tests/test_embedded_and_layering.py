@@ -108,3 +108,59 @@ def test_client_imports_without_torch():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def _workbench_imports(path: Path) -> set[str]:
+    """Every workbench module a file imports, lazily imported ones included
+    (`from workbench import wire` counts as workbench.wire)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "workbench")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "workbench":
+            if node.module == "workbench":
+                found.update(f"workbench.{a.name}" for a in node.names)
+            else:
+                found.add(node.module)
+    return found
+
+
+# The protocol both sides share: the server may import these and nothing else of the SDK.
+SHARED_PROTOCOL = {"workbench.types", "workbench.wire", "workbench.errors", "workbench.paths", "workbench.losses"}
+
+
+def test_server_imports_only_the_shared_protocol_modules_of_the_sdk():
+    for path in _files("server"):
+        bad = _workbench_imports(path) - SHARED_PROTOCOL
+        assert not bad, f"{path} imports {bad}: the server may share only {sorted(SHARED_PROTOCOL)}"
+
+
+def test_the_shared_protocol_modules_import_nothing_else_of_the_sdk():
+    for name in SHARED_PROTOCOL:
+        path = ROOT / (name.replace(".", "/") + ".py")
+        relative = {f"workbench.{node.module}" for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        relative |= {f"workbench.{a.name}" for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.level == 1 and not node.module
+                     for a in node.names}
+        bad = (relative | _workbench_imports(path)) - SHARED_PROTOCOL
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_kernel_ext_uses_only_the_public_sdk():
+    """The notebook layer is a shell over the SDK a script uses: no transport modules, no
+    private names, no private attributes of SDK objects."""
+    transport = {"workbench.connection", "workbench.local", "workbench.tokenizer_cache"}
+    for path in _files("kernel_ext"):
+        tree = ast.parse(path.read_text())
+        bad = _workbench_imports(path) & transport
+        assert not bad, f"{path} imports {bad}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("workbench"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path}:{node.lineno} imports private {private}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("_"):
+                owner = node.value.id if isinstance(node.value, ast.Name) else None
+                # its own objects and modules only (`magics` is kernel_ext.magics)
+                assert owner in ("self", "cls", "magics"), f"{path}:{node.lineno} reads {ast.unparse(node)}"

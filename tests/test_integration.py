@@ -61,7 +61,7 @@ def test_train_until_loss_halves_then_sample(service, tokenizer):
 
 
 def test_fb_and_optim_submitted_together_share_a_cycle(server, service, tokenizer):
-    events_url = service._connection.hello["events_url"]
+    events_url = service.server_info["events_url"]
     ctx = zmq.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"cycle")

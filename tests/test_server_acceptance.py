@@ -105,7 +105,7 @@ class Events:
 
 
 def events_url(service) -> str:
-    return service._connection.hello["events_url"]
+    return service.server_info["events_url"]
 
 
 def saved_weights(server, path: str) -> dict[str, np.ndarray]:

@@ -16,21 +16,16 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from workbench.errors import InvalidRequestError
 from workbench.losses import LOSS_INPUTS, loss_request_problem
 
 from . import losses as L
 from .lora import LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
 from .models import BaseModel, load_base_model, resolve_device, tokenizer_files
 from .optim import AdapterOptimizer, step_adapters
+from .errors import EngineInputError
 from .attention import FLEX_BLOCK, attention_implementation, flex_document_mask, resolve_attention, sdpa_document_mask
 from .packing import MicroBatch, PackedSequence, PassSequence, build_micro_batch, plan_micro_batches
 from .sampler import SampleOutput, SampleRequest, generate, sample_request_problem
-
-
-class EngineInputError(InvalidRequestError, ValueError):
-    """Bad input for one request; `where` names the datum and field (e.g. data[3].weights).
-    An InvalidRequestError, so it reaches the client as one without a translation step."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .lora import LoRARouting, spans_for_rows
+from .errors import EngineInputError
 from .models import BaseModel
 
 
@@ -73,10 +74,14 @@ def sample_request_from_args(
     max_tokens None: all the room the context leaves. stop: a string, a list of strings or
     a list of token ids; none keeps the model's end-of-sequence ids. seed None:
     `seed_fallback()`. `slot`: the adapter's (None: the base model)."""
-    from .engine import EngineInputError  # engine.py imports this module at its top
-
     params = args.get("sampling_params") or {}
-    prompt = np.asarray(args["prompt"]).astype(np.int64).tolist()
+    if not isinstance(params, dict):
+        raise EngineInputError("sampling_params must be a map", "sampling_params")
+    prompt = np.asarray(args["prompt"])
+    if prompt.ndim != 1 or (prompt.size and prompt.dtype.kind not in "iu"):
+        raise EngineInputError(f"prompt must be a 1-D list of integer token ids, got dtype {prompt.dtype} "
+                               f"and shape {list(prompt.shape)}", "prompt")
+    prompt = prompt.astype(np.int64).tolist()
     max_tokens = params.get("max_tokens")
     stop = params.get("stop")
     stop_ids, stop_strings = list(base.eos_token_ids), []
@@ -92,17 +97,31 @@ def sample_request_from_args(
                                    "sampling_params.stop")
     seed = params.get("seed")
     req = SampleRequest(
-        slot=slot, prompt=prompt, num_samples=int(args.get("num_samples", 1)),
-        max_tokens=base.max_length - len(prompt) if max_tokens is None else int(max_tokens),
-        temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1)),
-        top_p=float(params.get("top_p", 1.0)),
-        seed=int(seed) if seed is not None else seed_fallback(),
+        slot=slot, prompt=prompt, num_samples=_number(args.get("num_samples", 1), int, "num_samples"),
+        max_tokens=(base.max_length - len(prompt) if max_tokens is None
+                    else _number(max_tokens, int, "sampling_params.max_tokens")),
+        temperature=_number(params.get("temperature", 1.0), float, "sampling_params.temperature"),
+        top_k=_number(params.get("top_k", -1), int, "sampling_params.top_k"),
+        top_p=_number(params.get("top_p", 1.0), float, "sampling_params.top_p"),
+        seed=_number(seed, int, "sampling_params.seed") if seed is not None else seed_fallback(),
         stop_token_ids=stop_ids, stop_strings=stop_strings,
     )
     problem = sample_request_problem(req, base.vocab_size, base.max_length)
     if problem is not None:
         raise EngineInputError(*problem)
     return req
+
+
+def _number(value: Any, kind: type, where: str):
+    """`value` as an int or float; EngineInputError at `where` for anything else (a bool, a
+    string, a float where an integer belongs)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok and kind is int and not float(value).is_integer():
+        ok = False
+    if not ok:
+        raise EngineInputError(f"{where.rsplit('.', 1)[-1]} must be {'an integer' if kind is int else 'a number'}, "
+                               f"got {value!r}", where)
+    return kind(value)
 
 
 @dataclass
