@@ -17,8 +17,8 @@ Torch-free (the client installs without torch); numpy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class LossSpec:
     inputs: tuple[str, ...]  # loss_fn_inputs it reads besides target_tokens
     config_keys: tuple[str, ...] = ()  # the loss_fn_config keys it reads (others are refused)
     required_config: tuple[str, ...] = ()  # of config_keys, those without a default
+    defaults: Mapping[str, float] = field(default_factory=dict)  # the other keys' values when not given
     policy: bool = False  # an RL loss: reads the sampler's logprobs and advantages
     formula: str = ""  # one line: the loss as a sum over tokens (lp = target logprobs)
 
@@ -44,11 +45,15 @@ class LossSpec:
         missing = [k for k in self.required_config if k not in self.config_keys]
         if missing:
             raise ValueError(f"loss {self.name!r}: required config {missing} not among its config_keys")
+        if set(self.defaults) != set(self.config_keys) - set(self.required_config):
+            raise ValueError(f"loss {self.name!r}: every config key needs a default or must be required "
+                             f"(defaults {sorted(self.defaults)}, keys {list(self.config_keys)})")
         if self.policy and not {"logprobs", "advantages"} <= set(self.inputs):
             raise ValueError(f"policy loss {self.name!r} must read logprobs and advantages")
 
 
-_CLIP = ("clip_low_threshold", "clip_high_threshold")  # default 0.8, 1.2 (the engine's)
+_CLIP = ("clip_low_threshold", "clip_high_threshold")
+_CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 _POLICY_INPUTS = ("logprobs", "advantages")
 
 # Formulas are sums over tokens (no mean); q = the sampler's logprobs, A = advantages,
@@ -58,9 +63,9 @@ LOSS_SPECS: tuple[LossSpec, ...] = (
              formula="sum(-lp * w)   (any real w, negative too)"),
     LossSpec("importance_sampling", _POLICY_INPUTS, policy=True,
              formula="-sum(r * A)"),
-    LossSpec("ppo", _POLICY_INPUTS, _CLIP, policy=True,
+    LossSpec("ppo", _POLICY_INPUTS, _CLIP, defaults=_CLIP_DEFAULTS, policy=True,
              formula="-sum(min(r * A, clip(r, lo, hi) * A))"),
-    LossSpec("cispo", _POLICY_INPUTS, _CLIP, policy=True,
+    LossSpec("cispo", _POLICY_INPUTS, _CLIP, defaults=_CLIP_DEFAULTS, policy=True,
              formula="-sum(stopgrad(clip(r, lo, hi)) * lp * A)"),
     LossSpec("dro", _POLICY_INPUTS, ("beta",), required_config=("beta",), policy=True,
              formula="-sum(lp * A - 0.5 * beta * (lp - q)^2)"),
@@ -84,6 +89,12 @@ POLICY_LOSSES: tuple[str, ...] = tuple(s.name for s in LOSS_SPECS if s.policy)
 def loss_spec(name: str) -> LossSpec:
     """The registry's record of a loss; KeyError for an unknown name."""
     return _BY_NAME[name]
+
+
+def full_config(name: str, loss_fn_config: Optional[Mapping[str, float]]) -> dict[str, float]:
+    """A checked request's loss_fn_config with the registry's defaults filled in: what the
+    formula reads (it indexes every key it uses)."""
+    return {**_BY_NAME[name].defaults, **(loss_fn_config or {})}
 
 
 def loss_request_problem(

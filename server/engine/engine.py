@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from workbench.losses import LOSS_INPUTS, loss_request_problem
+from workbench.losses import LOSS_INPUTS, full_config, loss_request_problem
 
 from . import losses as L
 from .lora import LoRAPair, LoRARouting, init_lora_pair, resolve_lora_impl
@@ -360,7 +360,7 @@ class Engine:
                         ])).to(base.device)
                         for name in LOSS_INPUTS[item.loss_fn]
                     }
-                    loss = L.LOSSES[item.loss_fn](lp, inputs, item.loss_fn_config)
+                    loss = L.LOSSES[item.loss_fn](lp, inputs, full_config(item.loss_fn, item.loss_fn_config))
                     total = total + loss
                     losses.append(loss.detach())
                 if backward and total.requires_grad:

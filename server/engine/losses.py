@@ -5,7 +5,8 @@ formula in one line are in the registry, `workbench.losses.LOSS_SPECS`; requests
 against it (`loss_request_problem`) before any formula runs. This module holds the math
 only: `LOSSES` maps every registry name to its formula, and importing it fails if the two
 differ (tests/test_loss_registry.py checks the rest: inputs and config keys each formula
-reads are the registry's).
+reads are the registry's). A formula gets the request's config with the registry's defaults
+filled in (`workbench.losses.full_config`), so it indexes every key it uses.
 
 Every loss takes target logprobs `lp` [N] (with grad) and the matching loss_fn_inputs
 (tensors of length N) and returns a scalar: a sum of per-token terms, so the tokens of
@@ -26,7 +27,6 @@ from workbench.losses import LOSS_NAMES
 
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]
 
-DEFAULT_CLIP_LOW, DEFAULT_CLIP_HIGH = 0.8, 1.2
 
 
 def cross_entropy(lp, inputs, config):
@@ -39,10 +39,7 @@ def importance_sampling(lp, inputs, config):
 
 
 def _clip_bounds(config) -> tuple[float, float]:
-    return (
-        float(config.get("clip_low_threshold", DEFAULT_CLIP_LOW)),
-        float(config.get("clip_high_threshold", DEFAULT_CLIP_HIGH)),
-    )
+    return float(config["clip_low_threshold"]), float(config["clip_high_threshold"])
 
 
 def ppo(lp, inputs, config):
@@ -59,7 +56,7 @@ def cispo(lp, inputs, config):
 
 
 def dro(lp, inputs, config):
-    beta = float(config["beta"])  # required by the registry: checked before any formula runs
+    beta = float(config["beta"])
     q = inputs["logprobs"]
     return -(lp * inputs["advantages"] - 0.5 * beta * (lp - q) ** 2).sum()
 
