@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "reply, one with a single frame over twice this is dropped (default 256)")
     parser.add_argument("--max-rank", type=int, default=128,
                         help="largest LoRA rank a run may ask for (default 128)")
+    parser.add_argument("--max-samples", type=int, default=256,
+                        help="largest num_samples of one sample request (default 256)")
+    parser.add_argument("--max-request-tokens", type=int, default=1 << 20,
+                        help="most engine tokens one request may cost: a forward_backward's tokens, "
+                        "a sample's prompt + max_tokens * num_samples (default 1048576)")
+    parser.add_argument("--max-runs-per-tenant", type=int, default=64,
+                        help="most live adapters (training runs and samplers on a checkpoint) one "
+                        "tenant may hold; unload_model frees one (default 64)")
+    parser.add_argument("--max-resident-adapters", type=int, default=None,
+                        help="most adapters kept on the accelerator; the least recently used "
+                        "others wait, state kept, in host memory until used (default: no limit)")
     parser.add_argument("--tinker-port", type=int, default=None, metavar="PORT",
                         help="also serve Tinker's HTTP protocol (the official tinker SDK, with a "
                         "tml-... key) on this port of --host; 0 picks a free one (default: off). "
@@ -206,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     keys = load_keys(args)
     if args.max_message_mb <= 0 or args.session_timeout <= 0 or args.max_rank < 1:
         raise SystemExit("--max-message-mb and --session-timeout must be > 0, --max-rank >= 1")
+    for flag in ("max_samples", "max_request_tokens", "max_runs_per_tenant"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_resident_adapters is not None and args.max_resident_adapters < 1:
+        raise SystemExit("--max-resident-adapters must be >= 1")
 
     # Heavy imports after argument parsing, so --help is instant.
     from .capabilities import Capabilities
     from .engine.engine import Engine
     from .frontend import Frontend
+    from .ops import Limits
     from .runner import CycleRunner
     from .scheduler import Scheduler, finish, run_loop
     from .sessions import Sessions
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before the engine starts, so a bad key file fails in a second, not after model loading.
     curve_secret = load_curve_secret(args.curve_secret_file, log) if args.curve_secret_file else None
     try:
-        engine = Engine(device=args.device, token_budget=args.token_budget)
+        engine = Engine(device=args.device, token_budget=args.token_budget,
+                        max_resident_adapters=args.max_resident_adapters)
     except ValueError as exc:
         raise SystemExit(str(exc))
     for name in filter(None, (m.strip() for m in args.models.split(","))):
@@ -233,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"loaded {name} on {engine.device}")
     store = Store(Path(args.store) if args.store else default_store())
     scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens)
-    runner = CycleRunner(engine, store)
+    runner = CycleRunner(engine, store, max_runs_per_tenant=args.max_runs_per_tenant)
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
+    limits = Limits(max_rank=args.max_rank, max_samples=args.max_samples,
+                    max_request_tokens=args.max_request_tokens)
     # One book of client sessions for both frontends; its events go out on the PUB socket.
     sessions = Sessions(args.session_timeout, on_park=runner.park,
                         publish=lambda event: frontend.publish("session", event))
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler, keys,
         info=lambda: {"models": capabilities.model_names, "device": str(engine.device)},
         max_message_bytes=int(args.max_message_mb * 2**20), sessions=sessions,
-        max_rank=args.max_rank, capabilities=capabilities.response,
+        limits=limits, capabilities=capabilities.response,
     )
     warn_if_exposed(args.host, args)
     try:
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tinker_port is not None:
         from .tinker_http import TinkerGateway, tokenizer_id
 
-        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, max_rank=args.max_rank,
+        gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, limits=limits,
                                 sessions=sessions)
         try:
             log(f"tinker gateway {gateway.start(args.host, args.tinker_port)}")

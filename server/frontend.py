@@ -59,6 +59,7 @@ class Frontend:
         reply_cache: int = 4096,
         sessions: Optional[Sessions] = None,
         max_rank: int = 128,
+        limits: Optional[ops.Limits] = None,  # per-request bounds; default: max_rank alone
         capabilities: Callable[[], dict] = lambda: {"supported_models": []},
     ):
         self.scheduler = scheduler
@@ -75,7 +76,7 @@ class Frontend:
         self._stop = threading.Event()
         # Without a shared book (tests, tools) sessions are kept but parking does nothing.
         self.sessions = sessions if sessions is not None else Sessions(120.0)
-        self.limits = ops.Limits(max_rank=max_rank)
+        self.limits = limits if limits is not None else ops.Limits(max_rank=max_rank)
         self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
         self.url = ""
         self.events_url = ""

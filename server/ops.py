@@ -45,6 +45,8 @@ class Limits:
     """Per-request bounds every frontend applies before queueing (server flags)."""
 
     max_rank: int = 128  # --max-rank
+    max_samples: int = 256  # --max-samples: num_samples of one sample request
+    max_request_tokens: int = 1 << 20  # --max-request-tokens: engine tokens of one request
 
 
 def _no_cost(args: dict) -> int:
@@ -65,10 +67,35 @@ def _sample_cost(args: dict) -> int:
     return len(args["prompt"]) + int(params.get("max_tokens") or 0) * int(args.get("num_samples", 1))
 
 
+def _check_cost(name: str, args: dict, limits: Limits) -> None:
+    tokens = token_cost(name, args)
+    if tokens > limits.max_request_tokens:
+        raise InvalidRequestError(
+            f"this {name.replace('_', ' ')} would cost {tokens} engine tokens, over this server's limit of "
+            f"{limits.max_request_tokens} per request (--max-request-tokens); split it into "
+            "smaller requests", "data" if name == "forward" else "prompt" if name == "compute_logprobs"
+            else "num_samples")
+
+
 def _check_data(args: dict, limits: Limits) -> None:
     for i, datum in enumerate(args["data"]):
         if not isinstance(datum, dict) or "tokens" not in datum or not isinstance(datum.get("loss_fn_inputs"), dict):
             raise InvalidRequestError("each datum needs tokens and loss_fn_inputs", f"data[{i}]")
+    _check_cost("forward", args, limits)
+
+
+def _check_sample(args: dict, limits: Limits) -> None:
+    """Bounds the engine memory one request can take: its rows (num_samples) and tokens."""
+    num_samples = args.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= limits.max_samples:
+        raise InvalidRequestError(
+            f"num_samples must be an integer in [1, {limits.max_samples}] (this server's "
+            f"--max-samples), got {num_samples!r}", "num_samples")
+    _check_cost("sample", args, limits)
+
+
+def _check_prompt(args: dict, limits: Limits) -> None:
+    _check_cost("compute_logprobs", args, limits)
 
 
 def _check_adam(args: dict, limits: Limits) -> None:
@@ -111,6 +138,8 @@ _TABLE = (
     Op("ping", None, "server"),
     Op("heartbeat", None, "session", {"session_id": str}),
     Op("get_server_capabilities", None, "server"),
+    Op("subscribe_events", None, "tenant"),  # this connection gets its tenant's events
+    Op("end_session", None, "session", {"session_id": str}),  # goodbye: queued work cancelled
     # admin
     Op("get_tokenizer", Phase.ADMIN, "server", {"base_model": str}),
     Op("create_model", Phase.ADMIN, "tenant", check=_check_new_run),
@@ -128,12 +157,15 @@ _TABLE = (
        _train_cost, _check_data),
     Op("optim_step", Phase.OPTIM, "run", {"model_id": str, "adam_params": dict}, check=_check_adam),
     # sampling
-    Op("sample", Phase.SAMPLE, "sampler", {"sampler_id": str, "prompt": object}, _sample_cost),
-    Op("compute_logprobs", Phase.SAMPLE, "sampler", {"sampler_id": str, "prompt": object}, _prompt_cost),
+    Op("sample", Phase.SAMPLE, "sampler", {"sampler_id": str, "prompt": object}, _sample_cost, _check_sample),
+    Op("compute_logprobs", Phase.SAMPLE, "sampler", {"sampler_id": str, "prompt": object}, _prompt_cost,
+       _check_prompt),
     # checkpoints
     Op("save_state", Phase.CHECKPOINT, "run", {"model_id": str}),
     Op("save_weights_for_sampler", Phase.CHECKPOINT, "run", {"model_id": str}),
     Op("load_state", Phase.CHECKPOINT, "run", {"model_id": str, "path": str}),
+    # after the run's queued work of the cycle (Tinker's unload_model)
+    Op("unload_model", Phase.CHECKPOINT, "run", {"model_id": str}),
 )
 
 OPS: Mapping[str, Op] = {op.name: op for op in _TABLE}

@@ -28,10 +28,10 @@ from .store import Store, check_name
 
 
 class CycleRunner:
-    def __init__(self, engine: Engine, store: Store):
+    def __init__(self, engine: Engine, store: Store, max_runs_per_tenant: int = 64):
         self.engine = engine
         self.store = store
-        self.registry = Runs(engine, store)
+        self.registry = Runs(engine, store, max_runs_per_tenant)
         self.listings = Listings(store)
         # Park requests from the session book (frontend threads), applied on this thread at
         # the start of the next cycle: only this thread touches the engine.
@@ -50,6 +50,8 @@ class CycleRunner:
             "save_state": self._save,
             "save_weights_for_sampler": self._save,
             "load_state": self._load_state,
+            "unload_model": lambda work: self.registry.unload_model(
+                self.registry.run(work.args["model_id"], work.tenant)),
         }
         # Phases whose requests run together; each returns the engine tokens it processed.
         self.batched: dict[Phase, Callable[[list[Work]], int]] = {

@@ -8,12 +8,15 @@ adapter of its own under the sampler id. Another tenant's run or sampler reads a
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 from workbench.errors import InvalidRequestError, NotFoundError
 
 from .engine.engine import AdapterConfig, Engine, random_seed
+from .engine.errors import EngineInputError
 from .store import Store, parse_checkpoint_path
 
 
@@ -31,14 +34,22 @@ class Sampler:
     tenant: str
     base_model: str
     adapter_id: Optional[str]  # None = the base model alone
+    model_path: Optional[str] = None  # the checkpoint its adapter is read from (None: base model)
 
 
 class Runs:
-    def __init__(self, engine: Engine, store: Store):
+    """`max_runs_per_tenant` bounds each tenant's memory: at most that many live training
+    runs (unload_model frees one), and at most that many samplers on a checkpoint holding an
+    adapter; beyond that the tenant's least recently used sampler lets its adapter go and
+    reads it from its checkpoint again when it is next used."""
+
+    def __init__(self, engine: Engine, store: Store, max_runs_per_tenant: int = 64):
         self.engine = engine
         self.store = store
+        self.max_runs_per_tenant = max_runs_per_tenant
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, Sampler] = {}
+        self._loaded_samplers: OrderedDict[str, None] = OrderedDict()  # holding an adapter, LRU first
 
     # ---------------------------------------------------------- owner checks
 
@@ -49,10 +60,41 @@ class Runs:
         return run
 
     def sampler(self, sampler_id: str, tenant: str) -> Sampler:
+        """The tenant's sampler, its adapter loaded (read from its checkpoint again if it was
+        let go to bound the tenant's memory)."""
         sampler = self.samplers.get(sampler_id)
         if sampler is None or sampler.tenant != tenant:
             raise NotFoundError(f"sampling session {sampler_id!r} not found", "sampler_id")
+        if sampler.adapter_id is not None:
+            if sampler.adapter_id not in self.engine.adapters:
+                self._load_sampler_adapter(sampler)
+            self._loaded_samplers.move_to_end(sampler_id)
         return sampler
+
+    def unload_model(self, run: Run) -> dict:
+        """Free a training run's adapter, gradients and optimizer state (its checkpoints stay
+        in the store); later requests for it answer not found."""
+        self.engine.remove_adapter(run.run_id)
+        del self.runs[run.run_id]
+        return {"model_id": run.run_id}
+
+    def _check_run_quota(self, tenant: str) -> None:
+        live = sum(run.tenant == tenant for run in self.runs.values())
+        if live >= self.max_runs_per_tenant:
+            raise InvalidRequestError(
+                f"tenant {tenant!r} has {live} live training runs, this server's limit "
+                f"(--max-runs-per-tenant {self.max_runs_per_tenant}); unload_model one it no longer "
+                "trains (its checkpoints stay)", "base_model")
+
+    def _load_sampler_adapter(self, sampler: Sampler) -> None:
+        meta, config = self.checkpoint_run(sampler.model_path, sampler.tenant)
+        tensors, _, _ = self.store.load_checkpoint(sampler.model_path, sampler.tenant)
+        self.engine.import_adapter(sampler.sampler_id, meta["base_model"], config, tensors, trainable=False)
+        self._loaded_samplers[sampler.sampler_id] = None
+        mine = [s for s in self._loaded_samplers if self.samplers.get(s, sampler).tenant == sampler.tenant]
+        for sampler_id in mine[:max(0, len(mine) - self.max_runs_per_tenant)]:  # LRU first
+            self.engine.remove_adapter(sampler_id)
+            del self._loaded_samplers[sampler_id]
 
     def load_base(self, name: str):
         try:
@@ -63,6 +105,7 @@ class Runs:
     # ------------------------------------------------------------- creation
 
     def create_model(self, tenant: str, args: dict) -> dict:
+        self._check_run_quota(tenant)
         if args.get("from_state"):
             return self._create_from_state(tenant, args["from_state"], bool(args.get("optimizer")))
         base_model = args["base_model"]
@@ -83,11 +126,20 @@ class Runs:
         return self._created(run_id)
 
     def _create_from_state(self, tenant: str, uri: str, optimizer: bool) -> dict:
+        """A new run from a checkpoint: the adapter is imported (and checked) under a
+        temporary id first, so a checkpoint that cannot load leaves no run behind."""
         meta, config = self.checkpoint_run(uri, tenant)
         tensors, _, optimizer_state = self.store.load_checkpoint(uri, tenant)
-        run_id = self._new_run(tenant, meta["base_model"], config, meta.get("user_metadata"))
-        self.engine.import_adapter(run_id, meta["base_model"], config, tensors, trainable=True,
-                                   optimizer_state=optimizer_state if optimizer else None)
+        pending = "pending-" + secrets.token_hex(6)
+        with _checkpoint_errors(uri):
+            self.engine.import_adapter(pending, meta["base_model"], config, tensors, trainable=True,
+                                       optimizer_state=optimizer_state if optimizer else None)
+        try:
+            run_id = self._new_run(tenant, meta["base_model"], config, meta.get("user_metadata"))
+        except BaseException:
+            self.engine.remove_adapter(pending)
+            raise
+        self.engine.rename_adapter(pending, run_id)
         return self._created(run_id)
 
     def _new_run(self, tenant, base_model, config, user_metadata) -> str:
@@ -106,10 +158,10 @@ class Runs:
         sampler_id = "sampler-" + secrets.token_hex(6)
         if args.get("model_path"):
             uri = args["model_path"]
-            meta, config = self.checkpoint_run(uri, tenant)
-            tensors, _, _ = self.store.load_checkpoint(uri, tenant)
-            self.engine.import_adapter(sampler_id, meta["base_model"], config, tensors, trainable=False)
-            self.samplers[sampler_id] = Sampler(sampler_id, tenant, meta["base_model"], sampler_id)
+            meta, _ = self.checkpoint_run(uri, tenant)
+            sampler = Sampler(sampler_id, tenant, meta["base_model"], sampler_id, model_path=uri)
+            self._load_sampler_adapter(sampler)  # before it is listed: a bad checkpoint leaves nothing
+            self.samplers[sampler_id] = sampler
             return {"sampler_id": sampler_id, "base_model": meta["base_model"]}
         base_model = args.get("base_model")
         if not base_model:
@@ -136,6 +188,8 @@ class Runs:
         return meta, AdapterConfig(**meta["lora"])
 
     def load_state(self, run: Run, uri: str, with_optimizer: bool) -> dict:
+        """Replace a run's weights (and AdamW state) by a checkpoint's, all or nothing: a
+        checkpoint that is corrupt, non-finite or of other shapes leaves the run as it was."""
         meta, config = self.checkpoint_run(uri, run.tenant)
         if meta["base_model"] != run.base_model:
             raise InvalidRequestError(
@@ -143,9 +197,15 @@ class Runs:
         tensors, _, optimizer = self.store.load_checkpoint(uri, run.tenant)
         if config.rank != run.config.rank:
             raise InvalidRequestError(f"checkpoint has rank {config.rank}, this run has {run.config.rank}", "path")
-        self.engine.remove_adapter(run.run_id)
-        self.engine.import_adapter(
-            run.run_id, run.base_model, run.config, tensors, trainable=True,
-            optimizer_state=optimizer if with_optimizer else None,
-        )
+        with _checkpoint_errors(uri):
+            self.engine.replace_adapter(run.run_id, tensors, optimizer if with_optimizer else None)
         return {"path": uri}
+
+
+@contextmanager
+def _checkpoint_errors(uri: str):
+    """The engine's refusal of a checkpoint's contents, naming the checkpoint."""
+    try:
+        yield
+    except EngineInputError as exc:
+        raise InvalidRequestError(f"checkpoint {uri} cannot be loaded: {exc.message}", "path") from None

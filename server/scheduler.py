@@ -6,6 +6,10 @@ per op in the op table `server.ops`) are the order a cycle executes in: admin, t
 sample, checkpoint. So a forward_backward and an optim_step submitted back to back land in
 the same cycle, and a run's later requests wait for the next cycle. `Scheduler` only keeps
 books (queues -> plan); `CycleRunner` executes a plan against the engine and the store.
+
+When a client session ends (its goodbye, or the sweep that parks it after silence), its
+requests still queued are taken out with `Scheduler.cancel` and answered with
+`SessionEnded` (`cancel_session`); work a cycle already took finishes normally.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from workbench.errors import QueueFullError, ServerError, WorkbenchError
+from workbench.errors import QueueFullError, RequestFailedError, ServerError, WorkbenchError
 
 from .ops import OPS, Phase, queue_of, token_cost
 
@@ -32,6 +36,9 @@ class Work:
     done: Callable[[Any, Optional[BaseException]], None]  # called once, on the engine thread
     tokens: int = 0
     submitted: float = field(default_factory=time.time)
+    # The client session the request belongs to (named, or its run's / sampler's), when the
+    # frontend knows it: the session's end cancels the request while it is still queued.
+    session: Optional[str] = None
 
     @property
     def phase(self) -> Phase:
@@ -112,6 +119,25 @@ class Scheduler:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def cancel(self, predicate: Callable[[Work], bool]) -> list[Work]:
+        """Remove every queued request for which `predicate(work)` holds and return them, in
+        queue order, so that the caller answers them (work already taken by a cycle is not
+        in the queues: it finishes normally)."""
+        with self._cond:
+            removed: list[Work] = []
+            for name, queue in list(self._queues.items()):
+                kept = deque()
+                for work in queue:
+                    (removed if predicate(work) else kept).append(work)
+                if len(kept) != len(queue):
+                    if kept:
+                        self._queues[name] = kept
+                    else:
+                        del self._queues[name]
+            for work in removed:
+                self._per_tenant[work.tenant] -= 1
+            return removed
 
     def close(self) -> list[Work]:
         """Refuse further work (submit raises ServerError) and return every queued request,
@@ -221,6 +247,8 @@ def run_loop(
             continue
         started = time.time()
         run_metrics = _collect_metrics(plan)
+        # Whose each run / sampler is: the frontend sends a tenant only its own run_metrics.
+        owners = {w.queue: w.tenant for w in plan.works()}
         figures = execute(plan)
         event = {
             "cycle": plan.cycle,
@@ -231,6 +259,7 @@ def run_loop(
             "queue_depth_by_tenant": scheduler.queue_depth_by_tenant(),
             **figures,
             "run_metrics": run_metrics,
+            "owners": owners,  # server-side only: frontends never publish it
         }
         if on_cycle is not None:
             on_cycle(event)
@@ -250,6 +279,24 @@ def _collect_metrics(plan: CyclePlan) -> dict[str, dict[str, dict]]:
             reply(result, error)
         work.done = done
     return collected
+
+
+class SessionEnded(RequestFailedError):
+    """A queued request cancelled because its client session ended before it ran (travels
+    as a RequestFailedError)."""
+
+
+def cancel_session(scheduler: Scheduler, tenant: str, session_id: str, members: list[str]) -> list[Work]:
+    """Cancel the queued requests of `tenant`'s session `session_id`: those the frontend
+    tagged with the session, and those on the queues of its runs and samplers (`members`).
+    Each is answered with SessionEnded; returns them."""
+    members = set(members)
+    works = scheduler.cancel(lambda w: w.tenant == tenant and (w.session == session_id or w.queue in members))
+    for work in works:
+        finish(work, error=SessionEnded(
+            f"cancelled: the client session ended (session {session_id!r} closed or went silent) "
+            f"before this {work.op} ran; nothing was changed. Send it again from a live client"))
+    return works
 
 
 def as_error(exc: BaseException) -> WorkbenchError:

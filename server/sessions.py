@@ -17,9 +17,15 @@ own (``run:<id>`` / ``sampler:<id>``).
   refuse its heartbeats. A later request to one of its members still unparks it: the runs
   keep their state, and whoever holds their id may use them.
 
+- Ending: whenever a session is parked (silent or finished) or forgotten, `on_gone(tenant,
+  session id, member ids)` lets the owner cancel the requests it still has queued (the
+  server's `scheduler.cancel_session`). Signs of life that those cancellations cause (a
+  frontend touching the session as a request completes) are ignored: they do not unpark it.
+
 Every change publishes ``publish({session, state: "parked" | "resumed", runs, samplers,
-reason?})`` (the frontend sends it on topic "session"; parked events say why: "silent" or
-"finished").
+reason?})`` (parked events say why: "silent" or "finished"); with `publish_to` it is
+``publish_to(tenant, event)`` instead, so that the frontend sends it to that tenant only (topic
+"session" of its event subscriptions), never to other tenants.
 
 Thread-safe: both frontends' threads and the engine thread (request completions) call in.
 The callbacks run under the lock, so parks and unparks reach them in the order they were
@@ -63,11 +69,15 @@ class Sessions:
         publish: Callable[[dict], None] = _ignore,
         clock: Callable[[], float] = time.monotonic,
         remember_finished: int = 4096,
+        on_gone: Callable[[str, str, list[str]], None] = _ignore,
+        publish_to: Optional[Callable[[str, dict], None]] = None,
     ):
         if timeout <= 0:
             raise ValueError(f"session timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
         self.on_park, self.on_unpark, self.publish = on_park, on_unpark, publish
+        self.on_gone, self.publish_to = on_gone, publish_to
+        self._ending: set[Key] = set()  # sessions whose on_gone is running (on this thread)
         self.clock = clock
         self._lock = threading.RLock()
         self._sessions: dict[Key, _Session] = {}
@@ -82,6 +92,8 @@ class Sessions:
         """A sign of life of a session (created if new); unparks it if it was parked."""
         key = (tenant, session_id)
         with self._lock:
+            if key in self._ending:  # a cancelled request's completion: no sign of life
+                return key
             session = self._sessions.get(key)
             if session is None:
                 session = self._sessions[key] = _Session(self.clock())
@@ -96,7 +108,8 @@ class Sessions:
             key = self._owner.get(member_id)
             if key is None or key[0] != tenant:
                 return None
-            self._alive(key, self._sessions[key])
+            if key not in self._ending:
+                self._alive(key, self._sessions[key])
             return key
 
     def touch_request(self, tenant: str, args: dict) -> Optional[Key]:
@@ -116,8 +129,8 @@ class Sessions:
         if session.parked:
             session.parked = False
             self.on_unpark(session.members)
-            self.publish({"session": key[1], "state": "resumed", "runs": list(session.runs),
-                          "samplers": list(session.samplers)})
+            self._emit(key, {"session": key[1], "state": "resumed", "runs": list(session.runs),
+                             "samplers": list(session.samplers)})
 
     # ------------------------------------------------------------ membership
 
@@ -167,6 +180,7 @@ class Sessions:
                     continue
                 if not session.members:
                     del self._sessions[key]
+                    self._gone(key, [])
                     continue
                 self._park(key, session, "silent")
                 parked.append(key)
@@ -185,8 +199,11 @@ class Sessions:
                 return
             if not session.members:
                 del self._sessions[key]
+                self._gone(key, [])
             elif not session.parked:
                 self._park(key, session, "finished")
+            else:  # parked after silence already: nothing left queued, but make sure
+                self._gone(key, session.members)
 
     def finished(self, tenant: str, session_id: str) -> bool:
         with self._lock:
@@ -195,5 +212,21 @@ class Sessions:
     def _park(self, key: Key, session: _Session, reason: str) -> None:
         session.parked = True
         self.on_park(session.members)
-        self.publish({"session": key[1], "state": "parked", "reason": reason,
-                      "runs": list(session.runs), "samplers": list(session.samplers)})
+        self._emit(key, {"session": key[1], "state": "parked", "reason": reason,
+                         "runs": list(session.runs), "samplers": list(session.samplers)})
+        self._gone(key, session.members)
+
+    def _gone(self, key: Key, members: list[str]) -> None:
+        """The session's client is gone: let the owner cancel its queued requests. The
+        completions that cancelling causes may touch the session: `_ending` ignores them."""
+        self._ending.add(key)
+        try:
+            self.on_gone(key[0], key[1], list(members))
+        finally:
+            self._ending.discard(key)
+
+    def _emit(self, key: Key, event: dict) -> None:
+        if self.publish_to is not None:
+            self.publish_to(key[0], event)
+        else:
+            self.publish(event)

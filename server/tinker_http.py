@@ -143,12 +143,13 @@ class TinkerGateway:
                  capabilities: Callable[[], dict] = lambda: {"supported_models": []},
                  tokenizer_id: Callable[[str], str] = lambda name: name,
                  hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096,
-                 max_rank: int = 128, sessions: Optional[Sessions] = None):
+                 max_rank: int = 128, sessions: Optional[Sessions] = None,
+                 limits: Optional[ops.Limits] = None):
         self.scheduler = scheduler
         # The ZeroMQ frontend's book (shared parking); a private one keeps books only.
         self.sessions = sessions if sessions is not None else Sessions(120.0)
         self.keys = keys  # api key -> tenant (the ZeroMQ frontend's mapping)
-        self.limits = ops.Limits(max_rank=max_rank)  # the ZeroMQ frontend's bounds, the same table
+        self.limits = limits if limits is not None else ops.Limits(max_rank=max_rank)  # the ZeroMQ frontend's bounds, the same table
         self.capabilities = capabilities
         self.tokenizer_id = tokenizer_id
         self.hold_s, self.gap_timeout_s, self.max_futures = hold_s, gap_timeout_s, max_futures

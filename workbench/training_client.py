@@ -163,6 +163,13 @@ class TrainingClient:
         return map_future(self._connection.call("load_state", args),
                           lambda r: types.LoadWeightsResponse(path=r["path"]))
 
+    def unload_model(self) -> APIFuture[None]:
+        """Free this run on the server (its adapter, gradients and optimizer state) once the
+        work queued before this call has run; its checkpoints stay and
+        `create_training_client_from_state` resumes from them. Later calls on this client
+        fail with NotFoundError. A server caps each tenant's live runs (--max-runs-per-tenant)."""
+        return map_future(self._connection.call("unload_model", {"model_id": self.model_id}), lambda _: None)
+
     # ---------------------------------------------------------------- info
 
     def get_info(self) -> types.GetInfoResponse:
@@ -244,6 +251,9 @@ class TrainingClient:
 
     async def load_state_with_optimizer_async(self, path):
         return self.load_state_with_optimizer(path)
+
+    async def unload_model_async(self):
+        return self.unload_model()
 
     async def save_weights_and_get_sampling_client_async(self, name=None):
         import asyncio

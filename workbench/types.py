@@ -11,6 +11,7 @@ and position i of the input predicts `target_tokens[i]`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
@@ -218,6 +219,9 @@ class AdamParams(StrictBase):
 
     @model_validator(mode="after")
     def _check(self) -> "AdamParams":
+        for name in ("learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
         for name in ("beta1", "beta2"):

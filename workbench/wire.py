@@ -49,6 +49,9 @@ builds the same shapes through them).
     save_state               {model_id, name}                 -> {path}
     save_weights_for_sampler {model_id, name}                 -> {path}
     load_state               {model_id, path, optimizer}      -> {path}
+    unload_model             {model_id}                       -> {model_id} (frees the run's
+                                                                 adapter and optimizer state;
+                                                                 its checkpoints stay)
     create_sampling_session  {model_path | base_model, session_id}
                                                               -> {sampler_id, base_model}
     sample                   {sampler_id, prompt, num_samples, sampling_params,

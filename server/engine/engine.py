@@ -106,6 +106,7 @@ class Engine:
         offload_device: str = "cpu",
         attention: str = "auto",
         row_length: Optional[int] = None,
+        max_decode_rows: int = 1024,
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
         matmul pair per adapter span) or "auto" (chosen per pass: grouped on CUDA; on a CPU
@@ -123,6 +124,9 @@ class Engine:
         `row_length`: packed rows are max(row_length, longest sequence) tokens long; several
         short sequences share a row (first-fit-decreasing). None = the longest sequence.
         `token_budget` counts row tokens (rows * row length, padding included).
+
+        `max_decode_rows`: sampling decodes at most this many rows (samples) at once; a
+        single request with more samples is decoded alone.
         """
         if max_resident_adapters is not None and max_resident_adapters < 1:
             raise ValueError(f"max_resident_adapters must be >= 1 or None, got {max_resident_adapters}")
@@ -132,6 +136,7 @@ class Engine:
         self.lora_impl = resolve_lora_impl(lora_impl)
         self.attention = resolve_attention(attention, self.device)
         self.row_length = row_length
+        self.max_decode_rows = max_decode_rows
         self.bases: dict[str, BaseModel] = {}
         self.adapters: dict[str, Adapter] = {}
         self._next_slot = 0
@@ -327,55 +332,98 @@ class Engine:
                 seqs.append(PassSequence(item=k, datum=d, tokens=datum.tokens, slot=slot))
         logprobs: list[list[Optional[np.ndarray]]] = [[None] * len(it.data) for it in items]
         loss_sums = [0.0] * len(items)
-        tokens, slots = [s.tokens for s in seqs], [s.slot for s in seqs]
-        plan = plan_micro_batches([len(t) for t in tokens], slots, self.token_budget, self.row_length)
-        pad = base.tokenizer.pad_token_id
+        slots = [s.slot for s in seqs]
+        plan = plan_micro_batches([len(s.tokens) for s in seqs], slots, self.token_budget, self.row_length)
         for rows in plan:
-            batch = build_micro_batch(
-                rows, tokens, slots, base.device, pad_id=int(pad) if pad is not None else 0,
-                row_multiple=FLEX_BLOCK if self.attention == "flex" and base.device.type == "cuda" else 1,
-            )
-            origins = [seqs[seq.key] for seq in batch.sequences]  # in layout (compact) order
-            targets = torch.from_numpy(np.concatenate([
-                np.asarray(items[o.item].data[o.datum].inputs["target_tokens"], np.int64) for o in origins
-            ])).to(base.device)
-            # Each item's sequences of this micro-batch, in compact order: every loss is a sum
-            # of per-token terms, so one call on their concatenated tokens gives the item's
-            # loss with a few ops per item instead of a few per sequence (and one host-to-
-            # device copy per loss input, not one per sequence).
-            by_item: dict[int, list[PackedSequence]] = {}  # item index -> its sequences here
-            for seq, origin in zip(batch.sequences, origins):
-                by_item.setdefault(origin.item, []).append(seq)
-            with torch.set_grad_enabled(backward):
-                lp_T = self._target_logprobs(base, batch, targets)  # [T]
-                total = lp_T.new_zeros(())
-                losses = []
-                for k, members in by_item.items():
-                    item = items[k]
-                    index = np.concatenate([np.arange(q.start, q.start + q.length) for q in members])
-                    lp = lp_T.index_select(0, torch.from_numpy(index).to(base.device))
-                    inputs = {
-                        name: torch.from_numpy(np.concatenate([
-                            np.asarray(item.data[seqs[q.key].datum].inputs[name], np.float32) for q in members
-                        ])).to(base.device)
-                        for name in LOSS_INPUTS[item.loss_fn]
-                    }
-                    loss = L.LOSSES[item.loss_fn](lp, inputs, full_config(item.loss_fn, item.loss_fn_config))
-                    total = total + loss
-                    losses.append(loss.detach())
-                if backward and total.requires_grad:
-                    total.backward()
-            # One device-to-host copy per micro-batch (not two syncs per sequence), after
-            # the backward is queued so the device is not left idle waiting for it.
-            lp_host = lp_T.detach().float().cpu().numpy()
-            for k, loss in zip(by_item, torch.stack(losses).cpu().tolist()):
-                loss_sums[k] += loss
-            for seq, origin in zip(batch.sequences, origins):
-                logprobs[origin.item][origin.datum] = lp_host[seq.start:seq.start + seq.length].copy()
+            if self._micro_batch(base, items, seqs, rows, backward, logprobs, loss_sums, isolate=True):
+                continue
+            # Non-finite values in a micro-batch of several adapters: one of them (a diverged
+            # adapter, overflowing inputs) may have carried NaN into its neighbours through
+            # attention, whose masks do not stop NaN (NaN + -inf is NaN, 0 * NaN is NaN), in
+            # the forward or the backward. Nothing of that run was kept; each adapter's
+            # sequences run again without the others, so each gets its result alone.
+            for slot in dict.fromkeys(slots[key] for row in rows for key in row):
+                alone = [kept for kept in ([key for key in row if slots[key] == slot] for row in rows) if kept]
+                self._micro_batch(base, items, seqs, alone, backward, logprobs, loss_sums, isolate=False)
         return [
             ForwardResult(logprobs=logprobs[k], metrics={"loss:sum": loss_sums[k]})
             for k in range(len(items))
         ]
+
+    def _micro_batch(
+        self, base: BaseModel, items: list[ForwardItem], seqs: list[PassSequence], rows: list[list[int]],
+        backward: bool, logprobs: list[list[Optional[np.ndarray]]], loss_sums: list[float], isolate: bool,
+    ) -> bool:
+        """Run one micro-batch (rows of indices into `seqs`), accumulating gradients into the
+        adapters and writing each sequence's logprobs and each item's loss into `logprobs` /
+        `loss_sums`. With `isolate`, a micro-batch of several adapters whose logprobs, losses
+        or new gradients are not all finite is undone instead (gradients as they were,
+        nothing written) and False returned."""
+        pad = base.tokenizer.pad_token_id
+        batch = build_micro_batch(
+            rows, [s.tokens for s in seqs], [s.slot for s in seqs], base.device,
+            pad_id=int(pad) if pad is not None else 0,
+            row_multiple=FLEX_BLOCK if self.attention == "flex" and base.device.type == "cuda" else 1,
+        )
+        origins = [seqs[seq.key] for seq in batch.sequences]  # in layout (compact) order
+        targets = torch.from_numpy(np.concatenate([
+            np.asarray(items[o.item].data[o.datum].inputs["target_tokens"], np.int64) for o in origins
+        ])).to(base.device)
+        shared = isolate and len({o.slot for o in origins}) > 1
+        # Gradients accumulated so far stay aside while this micro-batch's are computed, so
+        # that a non-finite micro-batch can be dropped without touching them.
+        params = [p for slot in {o.slot for o in origins} if slot is not None
+                  for p in self.adapters[self._slot_owner[slot]].parameters()] if shared and backward else []
+        kept_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        # Each item's sequences of this micro-batch, in compact order: every loss is a sum
+        # of per-token terms, so one call on their concatenated tokens gives the item's
+        # loss with a few ops per item instead of a few per sequence (and one host-to-
+        # device copy per loss input, not one per sequence).
+        by_item: dict[int, list[PackedSequence]] = {}  # item index -> its sequences here
+        for seq, origin in zip(batch.sequences, origins):
+            by_item.setdefault(origin.item, []).append(seq)
+        with torch.set_grad_enabled(backward):
+            lp_T = self._target_logprobs(base, batch, targets)  # [T]
+            total = lp_T.new_zeros(())
+            losses = []
+            for k, members in by_item.items():
+                item = items[k]
+                index = np.concatenate([np.arange(q.start, q.start + q.length) for q in members])
+                lp = lp_T.index_select(0, torch.from_numpy(index).to(base.device))
+                inputs = {
+                    name: torch.from_numpy(np.concatenate([
+                        np.asarray(item.data[seqs[q.key].datum].inputs[name], np.float32) for q in members
+                    ])).to(base.device)
+                    for name in LOSS_INPUTS[item.loss_fn]
+                }
+                loss = L.LOSSES[item.loss_fn](lp, inputs, full_config(item.loss_fn, item.loss_fn_config))
+                total = total + loss
+                losses.append(loss.detach())
+            if backward and total.requires_grad:
+                total.backward()
+        losses_K = torch.stack(losses)
+        if shared:
+            checks = [torch.isfinite(lp_T.detach()).all(), torch.isfinite(losses_K).all()]
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:  # max |g| per tensor: finite exactly when the tensor is (NaN propagates)
+                checks.append(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+            if not bool(torch.stack(checks).all()):  # one device sync
+                for p, grad in zip(params, kept_grads):
+                    p.grad = grad
+                return False
+            for p, grad in zip(params, kept_grads):  # what autograd would have accumulated
+                if grad is not None:
+                    p.grad = grad if p.grad is None else grad.add_(p.grad)
+        # One device-to-host copy per micro-batch (not two syncs per sequence), after
+        # the backward is queued so the device is not left idle waiting for it.
+        lp_host = lp_T.detach().float().cpu().numpy()
+        for k, loss in zip(by_item, losses_K.cpu().tolist()):
+            loss_sums[k] += loss
+        for seq, origin in zip(batch.sequences, origins):
+            logprobs[origin.item][origin.datum] = lp_host[seq.start:seq.start + seq.length].copy()
+        return True
 
     def _target_logprobs(self, base: BaseModel, batch: MicroBatch, targets: torch.Tensor) -> torch.Tensor:
         """Target logprobs [T] of the batch's real tokens, in compact (sequence) order."""
@@ -446,7 +494,17 @@ class Engine:
             self._check_sample_request(base, i, req)
         self._use(self._slot_owner[r.slot] for r in requests if r.slot is not None)
         pad = base.tokenizer.pad_token_id
-        return generate(base, requests, pad_id=int(pad) if pad is not None else 0)
+        # Decode batches of at most max_decode_rows rows (a request's samples stay together:
+        # its draws come from its own generator), so the KV cache a cycle holds is bounded
+        # however many samples its tenants ask for. Rows never see each other: same results.
+        outputs: list[list[SampleOutput]] = []
+        chunk: list[SampleRequest] = []
+        for req in requests:
+            if chunk and sum(r.num_samples for r in chunk) + req.num_samples > self.max_decode_rows:
+                outputs += generate(base, chunk, pad_id=int(pad) if pad is not None else 0)
+                chunk = []
+            chunk.append(req)
+        return outputs + generate(base, chunk, pad_id=int(pad) if pad is not None else 0)
 
     def _check_sample_request(self, base: BaseModel, i: int, req: SampleRequest) -> None:
         """What only the engine knows (which adapter holds the slot), then the one request
@@ -540,25 +598,121 @@ class Engine:
         trainable: bool,
         optimizer_state: Optional[dict] = None,
     ) -> Adapter:
-        """Register an adapter from PEFT-format tensors (and optionally its optimizer state)."""
+        """Register an adapter from PEFT-format tensors (and optionally its optimizer state).
+
+        All or nothing: the tensors (every module's A and B, their shapes, no NaN or inf) and
+        the optimizer state's layout are checked before anything is registered, and an
+        EngineInputError leaves the engine as it was."""
+        if adapter_id in self.adapters:
+            raise EngineInputError(f"adapter {adapter_id!r} exists already")
+        pairs = self._checked_pairs(base_name, config, tensors, trainable)
+        return self._import(adapter_id, base_name, config, pairs, trainable, optimizer_state)
+
+    # ------------------------------------------------------------ safe imports
+
+    def _checked_pairs(self, base_name: str, config: AdapterConfig, tensors: Mapping[str, torch.Tensor],
+                       trainable: bool) -> dict[str, LoRAPair]:
+        """The LoRA pairs that PEFT-format `tensors` hold for `base_name`, built on the device
+        but not registered; EngineInputError naming the tensor for a missing factor, a shape
+        that is not (rank, in) / (out, rank), or a NaN or infinite value."""
         base = self.load_model(base_name)
         pairs = {}
         scaling = config.alpha / config.rank
         for name, layer in base.lora_layers.items():
-            key_a = f"base_model.model.{name}.lora_A.weight"
-            if key_a not in tensors:
+            prefix = f"base_model.model.{name}"
+            if f"{prefix}.lora_A.weight" not in tensors and f"{prefix}.lora_B.weight" not in tensors:
                 continue
-            a = tensors[key_a].to(self.device, torch.float32).clone()
-            b = tensors[f"base_model.model.{name}.lora_B.weight"].to(self.device, torch.float32).clone()
-            if a.shape != (config.rank, layer.in_features) or b.shape != (layer.out_features, config.rank):
-                raise EngineInputError(f"checkpoint tensor shapes for {name} do not match the model")
-            pairs[name] = LoRAPair(a.requires_grad_(trainable), b.requires_grad_(trainable), scaling)
+            factors = []
+            for factor, shape in (("lora_A", (config.rank, layer.in_features)),
+                                  ("lora_B", (layer.out_features, config.rank))):
+                key = f"{prefix}.{factor}.weight"
+                value = tensors.get(key)
+                if not torch.is_tensor(value):
+                    raise EngineInputError(f"the checkpoint has no {key}")
+                if tuple(value.shape) != shape:
+                    raise EngineInputError(f"{key} has shape {list(value.shape)}; this adapter needs {list(shape)}")
+                value = value.to(self.device, torch.float32).clone()
+                if not bool(torch.isfinite(value).all()):
+                    raise EngineInputError(f"{key} holds NaN or infinite values")
+                factors.append(value.requires_grad_(trainable))
+            pairs[name] = LoRAPair(factors[0], factors[1], scaling)
         if not pairs:
             raise EngineInputError("the checkpoint holds no LoRA tensors for this base model")
+        return pairs
+
+    @staticmethod
+    def _check_optimizer_state(pairs: dict[str, LoRAPair], state: Any) -> None:
+        """EngineInputError unless `state` (AdapterOptimizer.state_dict's layout) fits `pairs`:
+        one param group over their A, B tensors, moments of their shapes, all finite."""
+        params = [t for pair in pairs.values() for t in (pair.lora_A, pair.lora_B)]
+        misfit = EngineInputError("the checkpoint's optimizer state does not fit this adapter")
+        try:
+            groups, per_param = state["optimizer"]["param_groups"], state["optimizer"]["state"]
+            int(state["steps"])
+            if len(groups) != 1 or len(groups[0]["params"]) != len(params) or not isinstance(per_param, Mapping):
+                raise misfit
+        except (KeyError, TypeError, ValueError):
+            raise misfit from None
+        for index, entry in per_param.items():
+            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, Mapping):
+                raise misfit
+            for key, value in entry.items():
+                if not torch.is_tensor(value) and not isinstance(value, (int, float)):
+                    raise misfit
+                value = torch.as_tensor(value)
+                if key in ("exp_avg", "exp_avg_sq") and tuple(value.shape) != tuple(params[index].shape):
+                    raise EngineInputError(f"the checkpoint's optimizer state {key} of tensor {index} has shape "
+                                           f"{list(value.shape)}; this adapter needs {list(params[index].shape)}")
+                bad = value.is_floating_point() and not bool(torch.isfinite(value).all())
+                if bad or (key == "exp_avg_sq" and bool((value < 0).any())):
+                    raise EngineInputError("the checkpoint's optimizer state holds NaN, infinite or negative "
+                                           f"second-moment values ({key} of tensor {index})")
+
+    def _import(self, adapter_id, base_name, config, pairs, trainable, optimizer_state) -> Adapter:
+        """Register checked `pairs` and load `optimizer_state`; nothing registered on failure."""
+        if optimizer_state is not None and trainable:
+            self._check_optimizer_state(pairs, optimizer_state)
         adapter = self._register(adapter_id, base_name, config, pairs, trainable)
         if optimizer_state is not None and adapter.optimizer is not None:
-            adapter.optimizer.load_state_dict(optimizer_state)
+            try:
+                adapter.optimizer.load_state_dict(optimizer_state)
+            except Exception:
+                self.remove_adapter(adapter_id)
+                raise EngineInputError("the checkpoint's optimizer state does not fit this adapter") from None
         return adapter
+
+    def rename_adapter(self, adapter_id: str, new_id: str) -> Adapter:
+        """Give a registered adapter another id (same slot, weights, optimizer, LRU place)."""
+        if new_id in self.adapters:
+            raise EngineInputError(f"adapter {new_id!r} exists already")
+        adapter = self.adapter(adapter_id)
+        del self.adapters[adapter_id]
+        adapter.adapter_id = new_id
+        self.adapters[new_id] = adapter
+        self._slot_owner[adapter.slot] = new_id
+        if adapter_id in self._lru:
+            order = [new_id if key == adapter_id else key for key in self._lru]
+            self._lru.clear()
+            self._lru.update((key, None) for key in order)
+        return adapter
+
+    def replace_adapter(self, adapter_id: str, tensors: Mapping[str, torch.Tensor],
+                        optimizer_state: Optional[dict] = None) -> Adapter:
+        """Give a live adapter the weights `tensors` and `optimizer_state` (None: a fresh
+        AdamW), all or nothing. The tensors must cover exactly the adapter's modules with its
+        shapes, all finite; the new adapter is built under a temporary id and swapped in only
+        once complete, so an EngineInputError leaves the old one exactly as it was."""
+        old = self.adapter(adapter_id)
+        pairs = self._checked_pairs(old.base, old.config, tensors, old.trainable)
+        missing, extra = sorted(set(old.pairs) - set(pairs)), sorted(set(pairs) - set(old.pairs))
+        if missing or extra:
+            raise EngineInputError(
+                f"the checkpoint's LoRA modules differ from this adapter's ({len(missing)} missing"
+                f"{', e.g. ' + missing[0] if missing else ''}; {len(extra)} extra{', e.g. ' + extra[0] if extra else ''})")
+        temp_id = f".loading-{adapter_id}"
+        self._import(temp_id, old.base, old.config, pairs, old.trainable, optimizer_state)
+        self.remove_adapter(adapter_id)
+        return self.rename_adapter(temp_id, adapter_id)
 
 
 def random_seed() -> int:

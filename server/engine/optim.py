@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.optim.adam import adam as adam_kernel
+
+from .errors import EngineInputError
 
 
 class AdapterOptimizer:
@@ -66,12 +68,19 @@ class AdapterOptimizer:
                      eps=float(adam["eps"]), weight_decay=float(adam["weight_decay"]))
 
 
-def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]]) -> list[dict[str, float]]:
-    """One AdamW step for each (adapter optimizer, AdamParams) pair; metrics per pair.
+def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]]) -> list[Any]:
+    """One AdamW step for each (adapter optimizer, AdamParams) pair; metrics per pair, or
+    the EngineInputError that refused its step.
 
     Equals, per adapter, `clip_grad_norm_(params, grad_clip_norm)` (when > 0) followed by
     `torch.optim.AdamW.step()` and `zero_grad(set_to_none=True)`. The adapters must be
     distinct. Parameters without a gradient are not stepped (as in torch).
+
+    A step that would make an adapter non-finite is refused and leaves it exactly as it
+    was (weights, moments, step count); its gradients are discarded so the run can go on:
+    gradients whose norm is not finite are refused before stepping, and an adapter whose
+    weights or moments come out of the step non-finite (an overflowing learning rate or
+    weight decay) gets its pre-step state back.
     """
     if len({id(opt) for opt, _ in batch}) != len(batch):
         raise ValueError("step_adapters got the same adapter twice")
@@ -79,21 +88,26 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
     all_grads = [p.grad for params in with_grads for p in params]
     per_tensor = torch._foreach_norm(all_grads) if all_grads else []
     norms, at = [], 0
-    for (opt, adam), params in zip(batch, with_grads):
-        grads = [p.grad for p in params]
-        if not grads:
-            norms.append(None)
-            continue
-        total = torch.linalg.vector_norm(torch.stack(per_tensor[at:at + len(grads)]))
-        at += len(grads)
-        norms.append(total)
+    for params in with_grads:
+        norms.append(torch.linalg.vector_norm(torch.stack(per_tensor[at:at + len(params)])) if params else None)
+        at += len(params)
+    present = [n for n in norms if n is not None]
+    host = iter(torch.stack(present).tolist() if present else [])  # one device-to-host copy
+    host_norms = [next(host) if norm is not None else 0.0 for norm in norms]
+    refused: dict[int, str] = {
+        i: f"gradient norm is {value} (non-finite gradients, or too large for float32)"
+        for i, value in enumerate(host_norms) if not math.isfinite(value)
+    }
+    for i, ((opt, adam), params) in enumerate(zip(batch, with_grads)):
         clip = float(adam.get("grad_clip_norm", 0.0))
-        if clip > 0:  # torch.nn.utils.clip_grad_norm_'s coefficient, exactly
-            torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+        if params and clip > 0 and i not in refused:  # torch.nn.utils.clip_grad_norm_'s coefficient, exactly
+            torch._foreach_mul_([p.grad for p in params], torch.clamp(clip / (norms[i] + 1e-6), max=1.0))
     groups: dict[tuple, list[int]] = {}
+    saved: dict[int, list[torch.Tensor]] = {}  # pre-step weights and moments, to undo a step
     for i, (opt, adam) in enumerate(batch):
-        opt._record(adam)
-        if with_grads[i]:
+        if with_grads[i] and i not in refused:
+            m1, m2, st = opt._moments(with_grads[i])
+            saved[i] = [t.clone() for t in (*with_grads[i], *m1, *m2, *st)]
             key = tuple(float(adam[k]) for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay"))
             groups.setdefault(key, []).append(i)
     with torch.no_grad():
@@ -110,13 +124,29 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
             adam_kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=not fused,
                         fused=fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
                         weight_decay=weight_decay, eps=eps, maximize=False)
-    present = [n for n in norms if n is not None]
-    host = iter(torch.stack(present).tolist() if present else [])  # one device-to-host copy
-    metrics = []
-    for (opt, _), norm in zip(batch, norms):
+        if saved:
+            stepped = list(saved)
+            state = {i: [*with_grads[i], *batch[i][0]._moments(with_grads[i])[0],
+                         *batch[i][0]._moments(with_grads[i])[1]] for i in stepped}
+            finite = torch.stack([  # max |x| of every weight and moment tensor: finite iff it is
+                torch.isfinite(torch.stack(torch._foreach_norm(state[i], float("inf")))).all() for i in stepped
+            ]).tolist()  # one device sync
+            for i, ok in zip(stepped, finite):
+                if not ok:
+                    steps = batch[i][0]._moments(with_grads[i])[2]
+                    for live, before in zip([*state[i], *steps], saved[i]):
+                        live.copy_(before)
+                    refused[i] = ("the step made weights or AdamW moments non-finite (learning rate or "
+                                  "weight decay too large)")
+    metrics: list[Any] = []
+    for i, (opt, _) in enumerate(batch):
         opt.zero_grad()
+        if i in refused:
+            metrics.append(EngineInputError(
+                f"optim_step refused: {refused[i]}; the adapter's weights and optimizer state are "
+                "unchanged and its accumulated gradients were discarded", "adam_params"))
+            continue
+        opt._record(batch[i][1])
         opt.steps += 1
-        value = next(host) if norm is not None else 0.0
-        metrics.append({"grad_norm:mean": value if math.isfinite(value) else float("nan"),
-                        "step:max": float(opt.steps)})
+        metrics.append({"grad_norm:mean": host_norms[i], "step:max": float(opt.steps)})
     return metrics

@@ -1,0 +1,154 @@
+"""Numeric isolation in the engine: whatever one adapter holds or is fed (NaN weights,
+overflowing weights or loss weights, an overflowing learning rate), its neighbours in the
+same packed row get exactly what they get alone, and no step can leave an adapter
+non-finite. Each scenario first shows that the leak is real without the guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine_helpers import QWEN, adapter_maker, grads, random_datum
+from server.engine.engine import Engine, EngineDatum, EngineInputError, ForwardItem
+from server.engine.packing import PassSequence, plan_micro_batches
+
+make_adapter = adapter_maker("iso", 7)
+
+
+@pytest.fixture()
+def engine():
+    # Long rows, so that short sequences of different adapters share one row.
+    return Engine(device="cpu", row_length=64, lora_impl="loop")
+
+
+def poison(adapter, value: float) -> None:
+    with torch.no_grad():
+        for pair in adapter.pairs.values():
+            pair.lora_B.fill_(value)
+
+
+def items_sharing_a_row(engine, bad_id, good_id, bad_datum=None, seed=0):
+    rng = np.random.default_rng(seed)
+    bad = ForwardItem(bad_id, [bad_datum or random_datum(rng, 7)])
+    good = ForwardItem(good_id, [random_datum(rng, 9), random_datum(rng, 5)])
+    slots = [engine.adapters[bad_id].slot] + [engine.adapters[good_id].slot] * 2
+    lengths = [len(bad.data[0].tokens), 9, 5]
+    plan = plan_micro_batches(lengths, slots, engine.token_budget, engine.row_length)
+    assert any(0 in row and (1 in row or 2 in row) for rows in plan for row in rows), plan
+    return bad, good
+
+
+def alone(engine, good, backward):
+    """The good item's results and gradients when it runs by itself."""
+    adapter = engine.adapters[good.adapter_id]
+    adapter.optimizer.zero_grad()
+    result = engine.forward([good], backward=backward)[0]
+    return result, grads(adapter) if backward else None
+
+
+def leaked_without_the_guard(engine, bad, good, backward) -> bool:
+    """Runs the shared micro-batch with isolation off: True when the good adapter's
+    logprobs or gradients come out non-finite (the leak the guard exists for)."""
+    seqs = [PassSequence(k, d, datum.tokens, engine.adapters[it.adapter_id].slot)
+            for k, it in enumerate((bad, good)) for d, datum in enumerate(it.data)]
+    logprobs, losses = [[None], [None, None]], [0.0, 0.0]
+    engine.adapters[good.adapter_id].optimizer.zero_grad()
+    engine._micro_batch(engine.bases[QWEN], [bad, good], seqs, [[0, 1, 2]], backward, logprobs, losses,
+                        isolate=False)
+    good_params = engine.adapters[good.adapter_id].parameters()
+    finite_grads = all(p.grad is None or torch.isfinite(p.grad).all() for p in good_params)
+    engine.adapters[good.adapter_id].optimizer.zero_grad()
+    engine.adapters[bad.adapter_id].optimizer.zero_grad()
+    return not (np.isfinite(logprobs[1][0]).all() and np.isfinite(logprobs[1][1]).all() and finite_grads)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+@pytest.mark.parametrize("value", [float("nan"), 1e30])
+def test_a_diverged_neighbour_in_the_same_row_changes_nothing(engine, backward, value):
+    bad_id, bad_adapter = make_adapter(engine, rank=4, seed=1)
+    good_id, _ = make_adapter(engine, rank=4, seed=2)
+    bad, good = items_sharing_a_row(engine, bad_id, good_id)
+    want = alone(engine, good, backward)
+    poison(bad_adapter, value)
+    assert leaked_without_the_guard(engine, bad, good, backward)
+
+    engine.adapters[good_id].optimizer.zero_grad()
+    results = engine.forward([bad, good], backward=backward)
+    assert not np.isfinite(results[0].logprobs[0]).all()  # the diverged adapter's own outcome
+    got_good = results[1]
+    assert got_good.metrics["loss:sum"] == pytest.approx(want[0].metrics["loss:sum"], rel=1e-5)
+    for got, ref in zip(got_good.logprobs, want[0].logprobs):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    if backward:
+        for got, ref in zip(grads(engine.adapters[good_id]), want[1]):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_overflowing_loss_weights_do_not_reach_the_neighbours_gradients(engine):
+    bad_id, _ = make_adapter(engine, rank=4, seed=3)
+    good_id, _ = make_adapter(engine, rank=4, seed=4)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, 4000, 8)
+    huge = EngineDatum(tokens[:-1].copy(), {"target_tokens": tokens[1:].copy(),
+                                            "weights": np.full(7, 3e38, np.float32)})
+    bad, good = items_sharing_a_row(engine, bad_id, good_id, bad_datum=huge)
+    want = alone(engine, good, backward=True)
+    assert leaked_without_the_guard(engine, bad, good, backward=True)
+    engine.adapters[good_id].optimizer.zero_grad()
+    results = engine.forward([bad, good], backward=True)
+    assert results[1].metrics["loss:sum"] == pytest.approx(want[0].metrics["loss:sum"], rel=1e-5)
+    for got, ref in zip(grads(engine.adapters[good_id]), want[1]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_logprobs_beside_a_diverged_sampler_adapter(engine):
+    bad_id, bad_adapter = make_adapter(engine, rank=4, seed=6)
+    prompt = np.random.default_rng(6).integers(0, 4000, 12)
+    want = engine.prompt_logprobs(QWEN, [(None, prompt)])[0]
+    poison(bad_adapter, float("nan"))
+    got = engine.prompt_logprobs(QWEN, [(bad_id, prompt[:6]), (None, prompt)])
+    np.testing.assert_allclose(np.array(got[1][1:]), np.array(want[1:]), rtol=0, atol=1e-5)
+
+
+def _adapter_state(adapter):
+    state = adapter.optimizer.optimizer.state
+    return [t.detach().clone() for p in adapter.parameters()
+            for t in (p, *(state[p].values() if p in state else ()))]
+
+
+def _trained_once(engine, seed):
+    adapter_id, adapter = make_adapter(engine, rank=4, seed=seed)
+    rng = np.random.default_rng(seed)
+    engine.forward([ForwardItem(adapter_id, [random_datum(rng, 8)])], backward=True)
+    engine.optim_step(adapter_id, dict(learning_rate=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                                       weight_decay=0.0, grad_clip_norm=0.0))
+    engine.forward([ForwardItem(adapter_id, [random_datum(rng, 8)])], backward=True)
+    return adapter_id, adapter
+
+
+ADAM = dict(beta1=0.9, beta2=0.95, eps=1e-8, grad_clip_norm=0.0)
+
+
+@pytest.mark.parametrize("how", ["overflowing lr", "overflowing weight decay", "nan gradients"])
+def test_a_step_that_would_make_an_adapter_non_finite_is_refused_and_changes_nothing(engine, how):
+    adapter_id, adapter = _trained_once(engine, seed=11)
+    other_id, other = _trained_once(engine, seed=12)
+    adam = {"overflowing lr": dict(learning_rate=3e38, weight_decay=0.0),
+            "overflowing weight decay": dict(learning_rate=1.0, weight_decay=1e39),
+            "nan gradients": dict(learning_rate=1e-3, weight_decay=0.0)}[how]
+    if how == "nan gradients":
+        next(iter(adapter.parameters())).grad[0, 0] = float("nan")
+    before, steps = _adapter_state(adapter), adapter.optimizer.steps
+    results = engine.optim_steps([(adapter_id, {**ADAM, **adam}),
+                                  (other_id, {**ADAM, "learning_rate": 1e-3, "weight_decay": 0.0})])
+    assert isinstance(results[0], EngineInputError) and "optim_step refused" in str(results[0])
+    assert isinstance(results[1], dict)  # the other adapter of the same call stepped
+    for got, want in zip(_adapter_state(adapter), before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=False)
+    assert adapter.optimizer.steps == steps
+    assert all(p.grad is None for p in adapter.parameters())  # discarded: the run goes on
+    rng = np.random.default_rng(13)
+    engine.forward([ForwardItem(adapter_id, [random_datum(rng, 8)])], backward=True)
+    assert engine.optim_step(adapter_id, {**ADAM, "learning_rate": 1e-3, "weight_decay": 0.0})["step:max"] == steps + 1
