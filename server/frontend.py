@@ -2,8 +2,16 @@
 
 One I/O thread (the caller of `serve`) owns every socket. Requests arrive on a ROUTER;
 replies produced on the engine thread are handed back through a queue plus an inproc
-wake-up socket, because ZeroMQ sockets must never be shared between threads. Cycle figures
-go out on a PUB socket (topic b"cycle").
+wake-up socket, because ZeroMQ sockets must never be shared between threads.
+
+Events, private by tenant (DESIGN §7). A PUB socket cannot tell its subscribers apart, so it
+carries only the anonymous aggregate of each cycle (topic b"cycle": `PUBLIC_CYCLE_FIELDS`,
+no run ids, no tenant names, no metrics). A tenant's own events travel on the ROUTER, to the
+connections that asked with `subscribe_events {topics}` under that tenant's API key (and
+through CURVE, when on): each cycle's aggregate plus that tenant's own `run_metrics` and own
+`queue_depth_by_tenant` entry, and its own sessions' events (topic "session"). A subscription
+is a lease of `event_lease` seconds that the client renews (the SDK does, every third of it);
+each tenant holds at most `max_subscriptions`, the least recently renewed giving way.
 
 The frontend never runs tensor code: it checks envelopes and keys, answers metadata ops at
 once, and turns engine ops into `Work` for the scheduler.
@@ -13,7 +21,14 @@ names its session in `heartbeat {session_id}` and in create_model's / create_sam
 `session_id`; a run or sampler created without one is a session of its own. Any request that
 names the session or one of its runs or samplers counts as a sign of life, and unparks a
 parked session before the request is queued. The serve loop sweeps for silent sessions; the
-tracker's events go out on topic b"session".
+tracker's events go to the session's tenant (topic "session"). `end_session {session_id}` is
+a client's goodbye: the session is finished at once. A finished or silent session's requests
+still queued are cancelled (`scheduler.cancel_session`; the book's `on_gone`), each answered
+"cancelled: the client session ended"; work already running finishes.
+
+Reply cache (idempotent request ids): the last `reply_cache` replies, at most
+`reply_cache_bytes` in all; a reply larger than that budget is sent once and not kept: a
+resend of its id gets an error saying so instead of a second execution.
 
 CURVE: `bind(..., curve_secret_key=...)` makes the ROUTER and the PUB socket CURVE servers.
 Any client that knows the server's public key may connect (no ZAP handler: tenants are still
@@ -38,15 +53,25 @@ import zmq
 
 from workbench import wire
 from workbench.errors import (
-    AuthenticationError, InvalidRequestError, ProtocolError, WorkbenchError,
+    AuthenticationError, InvalidRequestError, ProtocolError, RequestFailedError, WorkbenchError,
 )
 
 from . import ops
-from .scheduler import Scheduler, Work, as_error
+from .scheduler import Scheduler, SessionEnded, Work, as_error, cancel_session
 from .sessions import Key, Sessions
 
 SERVER_VERSION = "0.1.0"
 _WAKE_ADDR = "inproc://workbench-replies"
+EVENT_TOPICS = ("cycle", "session")  # what subscribe_events may ask for
+# The cycle figures anyone may see (the PUB socket): aggregates without names or ids.
+PUBLIC_CYCLE_FIELDS = ("cycle", "start", "seconds", "tenants", "runs", "requests", "tokens", "queue_depth")
+
+
+class _Subscription:
+    __slots__ = ("tenant", "topics", "expires")
+
+    def __init__(self, tenant: str, topics: frozenset, expires: float):
+        self.tenant, self.topics, self.expires = tenant, topics, expires
 
 
 class Frontend:
@@ -61,21 +86,35 @@ class Frontend:
         max_rank: int = 128,
         limits: Optional[ops.Limits] = None,  # per-request bounds; default: max_rank alone
         capabilities: Callable[[], dict] = lambda: {"supported_models": []},
+        reply_cache_bytes: int = 256 * 2**20,
+        event_lease: float = 30.0,
+        max_subscriptions: int = 64,
     ):
         self.scheduler = scheduler
         self.keys = keys  # api key -> tenant
         self.info = info  # metadata for hello / capabilities (models available, ...)
         self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
-        self._outbox: "queue.Queue[tuple[bytes, str, str, dict]]" = queue.Queue()
+        # (identity, tenant, request id, message); identity None: an event (tenant None:
+        # a cycle, for everyone in its own view; else for that tenant only).
+        self._outbox: "queue.Queue[tuple[Optional[bytes], Optional[str], str, dict]]" = queue.Queue()
         self._wake_lock = threading.Lock()
         self._wake_push: Optional[zmq.Socket] = None
         # (tenant, request id) -> encoded reply, or None while in flight. Bounded LRU.
         self._replies: "OrderedDict[tuple[str, str], Optional[list]]" = OrderedDict()
         self._reply_cache = reply_cache
+        self._reply_cache_bytes = reply_cache_bytes
+        self._reply_bytes = 0  # bytes of the replies kept
+        # Event subscriptions by connection identity (the I/O thread's alone).
+        self._subscriptions: dict[bytes, _Subscription] = {}
+        self.event_lease = event_lease
+        self.max_subscriptions = max_subscriptions
         self._stop = threading.Event()
-        # Without a shared book (tests, tools) sessions are kept but parking does nothing.
-        self.sessions = sessions if sessions is not None else Sessions(120.0)
+        # Without a shared book (tests, tools) sessions are kept, parking does nothing, and
+        # a session's end still cancels its queued work.
+        self.sessions = sessions if sessions is not None else Sessions(
+            120.0, on_gone=lambda tenant, session, members: cancel_session(scheduler, tenant, session, members),
+            publish_to=lambda tenant, event: self.publish("session", event, tenant))
         self.limits = limits if limits is not None else ops.Limits(max_rank=max_rank)
         self.capabilities = capabilities  # -> GetServerCapabilitiesResponse fields
         self.url = ""
@@ -121,9 +160,12 @@ class Frontend:
             except zmq.Again:
                 pass  # the pipe is full of wake-ups already: the I/O thread will look anyway
 
-    def publish(self, topic: str, event: dict) -> None:
-        """Queue an event for the PUB socket (thread-safe)."""
-        self._outbox.put((b"", "", "event", {"v": wire.PROTOCOL_VERSION, "topic": topic, **event}))
+    def publish(self, topic: str, event: dict, tenant: Optional[str] = None) -> None:
+        """Queue an event (thread-safe). tenant None: a cycle's figures, published as the
+        anonymous aggregate on the PUB socket and, to each subscribed tenant, with its own
+        run_metrics and queue depth; a tenant: that tenant's subscribers only. An event of
+        another topic without a tenant goes nowhere (nothing but the aggregate is public)."""
+        self._outbox.put((None, tenant, "event", {"topic": topic, **event}))
         self._wake()
 
     def stop(self) -> None:
@@ -169,12 +211,51 @@ class Frontend:
                 identity, tenant, request_id, message = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            if request_id == "event" and not identity:
-                self.pub.send_multipart([message["topic"].encode(), *wire.encode(message)])
+            if identity is None:
+                self._route_event(tenant, message)
                 continue
             frames = wire.encode(message)
             self._remember(tenant, request_id, frames)
             self._send(identity, frames)
+
+    # ---------------------------------------------------------------- events
+
+    def _route_event(self, tenant: Optional[str], event: dict) -> None:
+        topic = event["topic"]
+        now = time.monotonic()
+        for identity in [i for i, sub in self._subscriptions.items() if sub.expires <= now]:
+            del self._subscriptions[identity]
+        if tenant is None:
+            if topic != "cycle":
+                return
+            public = {"v": wire.PROTOCOL_VERSION, "topic": topic,
+                      **{k: event[k] for k in PUBLIC_CYCLE_FIELDS if k in event}}
+            self.pub.send_multipart([topic.encode(), *wire.encode(public)])
+            views: dict[str, list] = {}
+            for identity, sub in self._subscriptions.items():
+                if topic in sub.topics:
+                    if sub.tenant not in views:
+                        views[sub.tenant] = wire.encode(_tenant_view(public, event, sub.tenant))
+                    self._send(identity, views[sub.tenant])
+            return
+        frames = None
+        for identity, sub in self._subscriptions.items():
+            if sub.tenant == tenant and topic in sub.topics:
+                frames = frames or wire.encode({"v": wire.PROTOCOL_VERSION, **event})
+                self._send(identity, frames)
+
+    def _subscribe(self, identity: bytes, tenant: str, topics: list) -> None:
+        """(Re)subscribe this connection to its tenant's events on `topics` ([] ends it)."""
+        if not topics:
+            self._subscriptions.pop(identity, None)
+            return
+        now = time.monotonic()
+        self._subscriptions[identity] = _Subscription(tenant, frozenset(topics), now + self.event_lease)
+        mine = [i for i, sub in self._subscriptions.items() if sub.tenant == tenant]
+        while len(mine) > self.max_subscriptions:  # the least recently renewed gives way
+            oldest = min(mine, key=lambda i: self._subscriptions[i].expires)
+            del self._subscriptions[oldest]
+            mine.remove(oldest)
 
     def _send(self, identity: bytes, frames: list) -> None:
         try:
@@ -183,12 +264,27 @@ class Frontend:
             pass  # the peer went away; its reply stays cached for a resend
 
     def _remember(self, tenant: str, request_id: str, frames: list) -> None:
+        """Keep a reply for resends of its id, within the count and byte bounds (LRU). A
+        reply over the whole byte budget is replaced by a short error saying so."""
         if not request_id:
             return
-        self._replies[(tenant, request_id)] = frames
-        self._replies.move_to_end((tenant, request_id))
-        while len(self._replies) > self._reply_cache:
-            self._replies.popitem(last=False)
+        key = (tenant, request_id)
+        size = _size(frames)
+        if size > self._reply_cache_bytes:
+            frames = wire.encode(wire.error_reply(request_id, RequestFailedError(
+                f"the reply to request {request_id} was {size / 2**20:.1f} MiB, too large to keep "
+                f"for resends (the server's reply cache holds {self._reply_cache_bytes / 2**20:.1f} "
+                "MiB, workbench-server --reply-cache-mb); it was sent once and is not executed "
+                "again: send a new request (a new id) to ask again", "id").to_wire()))
+            size = _size(frames)
+        self._reply_bytes -= _size(self._replies.get(key))
+        self._replies[key] = frames
+        self._reply_bytes += size
+        self._replies.move_to_end(key)
+        while self._replies and (len(self._replies) > self._reply_cache
+                                 or self._reply_bytes > self._reply_cache_bytes):
+            _, evicted = self._replies.popitem(last=False)
+            self._reply_bytes -= _size(evicted)
 
     # -------------------------------------------------------------- requests
 
@@ -224,13 +320,16 @@ class Frontend:
     def _dispatch(self, identity: bytes, tenant: str, message: dict) -> None:
         name, args, request_id = message["op"], message["args"], message["id"]
         op = ops.check_args(name, args, self.limits)
-        session = self._touch(tenant, name, args)
+        # A goodbye is no sign of life: it ends the session (without unparking it first).
+        session = None if name == "end_session" else self._touch(tenant, name, args)
         if not op.queued:
-            self._send(identity, wire.encode(wire.ok_reply(request_id, self._immediate(name, args, tenant))))
+            result = self._immediate(name, args, tenant, identity)
+            self._send(identity, wire.encode(wire.ok_reply(request_id, result)))
             return
 
         def done(result: Any, error: Optional[BaseException]) -> None:
-            if session is not None:  # a long request's end is a sign of life too
+            # A long request's end is a sign of life too; its cancellation is not.
+            if session is not None and not isinstance(error, SessionEnded):
                 self.sessions.touch(*session)
             reply = (
                 wire.ok_reply(request_id, result) if error is None
@@ -241,18 +340,22 @@ class Frontend:
 
         if name == "create_model":
             done = self._joining_session(tenant, args.get("session_id"), "run", done)
-        elif name == "create_sampling_session" and args.get("model_path"):
-            # Only a sampler on a checkpoint holds an adapter worth parking.
+        elif name == "create_sampling_session" and (args.get("model_path") or args.get("session_id")):
+            # A sampler on a checkpoint holds an adapter worth parking; one on the base model
+            # joins its client's session too, so that the session's end cancels its samples.
             done = self._joining_session(tenant, args.get("session_id"), "sampler", done)
         self._replies[(tenant, request_id)] = None  # in flight
+        work = Work.of(name, tenant, args, done)
+        work.session = session[1] if session is not None else None
         try:
-            self.scheduler.submit(Work.of(name, tenant, args, done))
+            self.scheduler.submit(work)
         except WorkbenchError:
             del self._replies[(tenant, request_id)]
             raise
 
-    def _immediate(self, op: str, args: dict, tenant: str) -> dict:
-        """The answer of an op the frontend gives at once (phase None in the op table)."""
+    def _immediate(self, op: str, args: dict, tenant: str, identity: Optional[bytes] = None) -> dict:
+        """The answer of an op the frontend gives at once (phase None in the op table);
+        `identity` is the asking connection (None: answer only, as for a check)."""
         if op == "hello":
             return {
                 "protocol": wire.PROTOCOL_VERSION, "server": SERVER_VERSION, "tenant": tenant,
@@ -265,6 +368,18 @@ class Frontend:
             return {"session_id": args["session_id"], "timeout": self.sessions.timeout}
         if op == "get_server_capabilities":
             return self.capabilities()
+        if op == "subscribe_events":
+            topics = args.get("topics", list(EVENT_TOPICS))
+            if not isinstance(topics, list) or not set(topics) <= set(EVENT_TOPICS):
+                raise InvalidRequestError(
+                    f"topics must be a list of some of {list(EVENT_TOPICS)} ([] ends the "
+                    f"subscription), got {topics!r}", "topics")
+            if identity is not None:
+                self._subscribe(identity, tenant, topics)
+            return {"topics": sorted(set(topics)), "lease": self.event_lease}
+        if op == "end_session":
+            self.sessions.finish(tenant, args["session_id"])  # its queued work is cancelled
+            return {"session_id": args["session_id"]}
         raise AssertionError(f"op {op!r} is in the op table as immediate but has no answer here")
 
     # -------------------------------------------------------------- sessions
@@ -287,6 +402,23 @@ class Frontend:
                 self.sessions.attach(tenant, session, result[id_field], kind)
             done(result, error)
         return joining
+
+
+def _tenant_view(public: dict, event: dict, tenant: str) -> dict:
+    """A cycle event as `tenant` sees it: the public aggregate, plus its own runs' and
+    samplers' metrics and its own queue depth, nothing about anyone else."""
+    owners = event.get("owners") or {}
+    depth = (event.get("queue_depth_by_tenant") or {}).get(tenant)
+    return {
+        **public,
+        "queue_depth_by_tenant": {tenant: depth} if depth else {},
+        "run_metrics": {run: metrics for run, metrics in (event.get("run_metrics") or {}).items()
+                        if owners.get(run) == tenant},
+    }
+
+
+def _size(frames: Optional[list]) -> int:
+    return sum(len(f) for f in frames) if frames else 0
 
 
 def _peek_id(header: Any) -> Optional[str]:

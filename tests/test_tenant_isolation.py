@@ -152,3 +152,119 @@ def test_a_step_that_would_make_an_adapter_non_finite_is_refused_and_changes_not
     rng = np.random.default_rng(13)
     engine.forward([ForwardItem(adapter_id, [random_datum(rng, 8)])], backward=True)
     assert engine.optim_step(adapter_id, {**ADAM, "learning_rate": 1e-3, "weight_decay": 0.0})["step:max"] == steps + 1
+
+
+# ------------------------------------------------------- the same, through a real server
+
+import json  # noqa: E402
+import threading  # noqa: E402
+
+import workbench as wb  # noqa: E402
+from conftest import start_server  # noqa: E402
+from workbench import types  # noqa: E402
+from workbench.errors import InvalidRequestError, NotFoundError  # noqa: E402
+
+KEYS = {"key-a": "alice", "key-b": "bob"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("isolation")
+    (tmp / "keys.json").write_text(json.dumps(KEYS))
+    # A fixed 400 ms clock: requests submitted together share a cycle, hence packed passes.
+    running = start_server(tmp, "--models", QWEN, "--api-keys", str(tmp / "keys.json"), "--cycle-ms", "400",
+                           "--max-runs-per-tenant", "3", "--max-samples", "64", api_key="key-a")
+    yield running
+    running.stop(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def alice(server):
+    return wb.ServiceClient(base_url=server.url, api_key="key-a")
+
+
+@pytest.fixture(scope="module")
+def bob(server):
+    return wb.ServiceClient(base_url=server.url, api_key="key-b")
+
+
+def _datum(tokens) -> types.Datum:
+    tokens = [int(t) for t in tokens]
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+
+
+def test_a_diverged_tenant_leaves_its_co_packed_neighbour_exact(alice, bob):
+    rng = np.random.default_rng(0)
+    # Rows are as long as the longest sequence (17): bob's 9-token and alice's 8-token
+    # sequences share the second row.
+    bob_data = [_datum(rng.integers(0, 4000, 17)), _datum(rng.integers(0, 4000, 9))]
+    alice_data = [_datum(rng.integers(0, 4000, 9))]
+    a = alice.create_lora_training_client(base_model=QWEN, rank=4, seed=0)
+    b = bob.create_lora_training_client(base_model=QWEN, rank=4, seed=1)
+    reference = b.forward(bob_data, "cross_entropy").result(60)
+
+    a.forward_backward(alice_data, "cross_entropy").result(60)
+    a.optim_step(types.AdamParams(learning_rate=1e30)).result(60)  # finite, so accepted: A diverges
+    a_out, b_out = a.forward_backward(alice_data, "cross_entropy"), b.forward_backward(bob_data, "cross_entropy")
+    a_out, b_out = a_out.result(60), b_out.result(60)
+    assert not np.isfinite(a_out.metrics["loss:sum"])
+    assert b_out.metrics["loss:sum"] == pytest.approx(reference.metrics["loss:sum"], rel=1e-5)
+    for got, want in zip(b_out.loss_fn_outputs, reference.loss_fn_outputs):
+        np.testing.assert_allclose(got["logprobs"].to_numpy(), want["logprobs"].to_numpy(), rtol=0, atol=1e-5)
+
+    with pytest.raises(InvalidRequestError, match="optim_step refused"):
+        a.optim_step(types.AdamParams(learning_rate=1e-3)).result(60)
+    assert b.optim_step(types.AdamParams(learning_rate=1e-3)).result(60).metrics["step:max"] == 1
+    after = b.forward(bob_data, "cross_entropy").result(60)
+    assert np.isfinite(after.metrics["loss:sum"])
+
+
+def test_a_malformed_request_fails_alone_in_its_cycle(alice, bob):
+    from test_server_acceptance import Raw
+
+    b = bob.create_lora_training_client(base_model=QWEN, rank=4, seed=2)
+    a_run = alice.create_lora_training_client(base_model=QWEN, rank=4, seed=3)
+    raw = Raw(alice.base_url, "key-a")
+    try:
+        data = [{"tokens": np.arange(10, dtype=np.int32).reshape(2, 5),
+                 "loss_fn_inputs": {"target_tokens": np.arange(2), "weights": np.ones(2, np.float32)}}]
+        replies = {}
+        caller = threading.Thread(target=lambda: replies.setdefault("raw", raw.call(
+            "forward_backward", {"model_id": a_run.model_id, "data": data, "loss_fn": "cross_entropy"})))
+        caller.start()
+        good = b.forward_backward([_datum(np.arange(1, 12))], "cross_entropy")
+        caller.join(60)
+        assert np.isfinite(good.result(60).metrics["loss:sum"])
+        error = replies["raw"]["error"]
+        assert error["type"] == "InvalidRequestError" and error["where"] == "data[0].model_input"
+        assert "1-D" in error["message"]
+    finally:
+        raw.close()
+
+
+def test_a_million_samples_are_refused_and_the_neighbour_is_served(alice, bob):
+    sampler = alice.create_sampling_client(base_model=QWEN)
+    other = bob.create_sampling_client(base_model=QWEN)
+    prompt = types.ModelInput.from_ints([1, 2, 3])
+    huge = sampler.sample(prompt, 1_000_000, types.SamplingParams(max_tokens=8))
+    fine = other.sample(prompt, 2, types.SamplingParams(max_tokens=4, seed=0))
+    with pytest.raises(InvalidRequestError, match=r"--max-samples"):
+        huge.result(60)
+    assert len(fine.result(60).sequences) == 2
+
+
+def test_live_runs_per_tenant_are_capped_and_unload_model_frees_one(alice, bob):
+    live = []
+    with pytest.raises(InvalidRequestError, match="--max-runs-per-tenant 3"):
+        for seed in range(4):  # earlier tests of this module left runs of alice's too
+            live.append(alice.create_lora_training_client(base_model=QWEN, rank=4, seed=seed))
+    bob.create_lora_training_client(base_model=QWEN, rank=4, seed=9)  # the cap is per tenant
+    victim = live[-1] if live else None
+    assert victim is not None
+    path = victim.save_state("before-unload").result(60).path
+    victim.unload_model().result(60)
+    with pytest.raises(NotFoundError):
+        victim.forward([_datum(np.arange(1, 6))], "cross_entropy").result(60)
+    resumed = alice.create_training_client_from_state(path)  # room again, and its checkpoints stayed
+    assert np.isfinite(resumed.forward([_datum(np.arange(1, 6))], "cross_entropy").result(60).metrics["loss:sum"])
