@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-resident-adapters", type=int, default=None,
                         help="most adapters kept on the accelerator; the least recently used "
                         "others wait, state kept, in host memory until used (default: no limit)")
+    parser.add_argument("--reply-cache-mb", type=float, default=256.0,
+                        help="memory for replies kept so that a resent request id gets its reply "
+                        "again instead of a second execution; a reply larger than this is sent "
+                        "once and not kept (a resend gets an error saying so) (default 256)")
     parser.add_argument("--tinker-port", type=int, default=None, metavar="PORT",
                         help="also serve Tinker's HTTP protocol (the official tinker SDK, with a "
                         "tml-... key) on this port of --host; 0 picks a free one (default: off). "
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_resident_adapters is not None and args.max_resident_adapters < 1:
         raise SystemExit("--max-resident-adapters must be >= 1")
+    if args.reply_cache_mb < 0:
+        raise SystemExit("--reply-cache-mb must be >= 0")
 
     # Heavy imports after argument parsing, so --help is instant.
     from .capabilities import Capabilities
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     from .frontend import Frontend
     from .ops import Limits
     from .runner import CycleRunner
-    from .scheduler import Scheduler, finish, run_loop
+    from .scheduler import Scheduler, cancel_session, finish, run_loop
     from .sessions import Sessions
     from .store import Store
     from workbench.errors import ServerError
@@ -255,14 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
     limits = Limits(max_rank=args.max_rank, max_samples=args.max_samples,
                     max_request_tokens=args.max_request_tokens)
-    # One book of client sessions for both frontends; its events go out on the PUB socket.
+    # One book of client sessions for both frontends. A session's events go to its tenant
+    # only; its end (goodbye or silence) cancels its requests still queued.
     sessions = Sessions(args.session_timeout, on_park=runner.park,
-                        publish=lambda event: frontend.publish("session", event))
+                        publish_to=lambda tenant, event: frontend.publish("session", event, tenant),
+                        on_gone=lambda tenant, session, members: cancel_session(scheduler, tenant, session, members))
     frontend = Frontend(
         scheduler, keys,
         info=lambda: {"models": capabilities.model_names, "device": str(engine.device)},
         max_message_bytes=int(args.max_message_mb * 2**20), sessions=sessions,
         limits=limits, capabilities=capabilities.response,
+        reply_cache_bytes=int(args.reply_cache_mb * 2**20),
     )
     warn_if_exposed(args.host, args)
     try:

@@ -29,15 +29,36 @@ Protocol facts kept here (reference/tinker-wire.md):
 - Model ids are the SDK's ``<session_id>:train:<n>`` (it derives them itself when loading
   a state); they map onto our store's run ids, and ``tinker://<run_id>/<kind>/<name>`` maps
   one to one onto ``wb://<run_id>/<kind>/<name>``.
-"""
+
+Bounds (DESIGN §7: no tenant can hurt another through this port either):
+- A body is read only after the request's API key checks out, streamed, never past
+  `max_body_bytes` (the ZeroMQ frontend's --max-message-mb): over it, HTTP 413. A zstd body
+  (Content-Encoding: zstd) is decompressed as a stream and refused (413) once its output
+  passes the same limit, so a small bomb never expands in memory.
+- `read_timeout_s` (--tinker-read-timeout): a request's head must arrive within it of the
+  connection opening (or of the previous reply), its body within it of the head; a late body
+  gets HTTP 408 and its connection is closed, a silent or trickling connection is closed.
+- `max_connections` (--tinker-max-connections): a request on a connection beyond it gets
+  HTTP 503 (the SDK retries those); beyond twice it, connections are closed at once. The
+  process' open-file limit is raised to fit (or the limit lowered, with a warning), so the
+  store always has file descriptors left.
+- Sessions belong to the tenant that created them: another tenant naming one gets the 404 a
+  missing session gets, so no model id (``<session_id>:train:<n>``) can be taken over. Errors
+  never carry server paths; another tenant's ids are never resolved.
+- Unknown API keys: after `KEY_FREE_FAILURES` failures from one client address within a
+  minute, each further failure is answered later (50 ms, doubling, at most 4 s), on the event
+  loop (nobody else waits); valid keys are never delayed. Client errors are logged as one line.
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -47,12 +68,13 @@ from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from workbench.errors import (
-    AuthenticationError, InvalidRequestError, NotFoundError, QueueFullError,
+    AuthenticationError, InvalidRequestError, NotFoundError, QueueFullError, WorkbenchError,
 )
 from workbench.paths import SCHEME as WB, TINKER_SCHEME as TINKER, to_tinker, to_wb
 
@@ -61,6 +83,155 @@ from .scheduler import Scheduler, Work, as_error
 from .sessions import Sessions
 
 _PROTO = "application/x-protobuf"
+
+# Paths served without an API key (a download link carries its own signature instead).
+_PUBLIC = ("/api/v1/healthz", "/api/v1/telemetry", "/api/v1/checkpoint_files/")
+
+# An absolute filesystem path in an error message (an OSError's file name, say); URLs and
+# tinker:// or wb:// paths are not matched (their slashes follow ':', '/' or a word character).
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\",:/]+(?:/[^\s'\",:/]*)*")
+
+# Back-off for unknown API keys (per client address over HTTP, global over ZeroMQ).
+KEY_FREE_FAILURES = 5  # failures within KEY_WINDOW_S answered at once
+KEY_WINDOW_S = 60.0  # a source silent this long starts again from zero
+KEY_DELAY_S, KEY_MAX_DELAY_S = 0.05, 4.0  # the first delay, doubling up to the cap
+KEY_MAX_WAITING = 32  # delayed answers waiting per source; beyond, answered at once with 429
+
+
+def public(message: str) -> str:
+    """An error message fit for a client: no server paths (store, model or temp files)."""
+    return _SERVER_PATH.sub("<server path>", message)
+
+
+class KeyBackoff:
+    """Failed API keys per source: `failed(source)` counts one and returns how long its
+    answer should wait (0 for the first `KEY_FREE_FAILURES` within `KEY_WINDOW_S`)."""
+
+    def __init__(self, max_sources: int = 4096):
+        self._failures: "OrderedDict[str, tuple[int, float]]" = OrderedDict()
+        self._max_sources = max_sources
+        self._lock = threading.Lock()
+
+    def failed(self, source: str) -> tuple[int, float]:
+        """(failures from `source` in its current window, the delay for this answer)."""
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._failures.pop(source, (0, now))
+            count = 1 if now - last > KEY_WINDOW_S else count + 1
+            self._failures[source] = (count, now)
+            while len(self._failures) > self._max_sources:
+                self._failures.popitem(last=False)
+        excess = count - KEY_FREE_FAILURES
+        return count, 0.0 if excess <= 0 else min(KEY_MAX_DELAY_S, KEY_DELAY_S * 2 ** min(excess - 1, 16))
+
+
+class _Refused(Exception):
+    """A request turned away by the gateway's bounds before any handler saw it."""
+
+    def __init__(self, status: int, message: str, kind: str, close: bool = False, quiet: bool = False,
+                 note: str = ""):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.close = status, message, kind, close
+        self.quiet, self.note = quiet, note  # not logged; said in the log only
+
+
+class _Gone(Exception):
+    """The client disconnected before its body was complete."""
+
+
+def _source(scope: dict) -> str:
+    """The client's address (what the key back-off is counted by)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def _fd_room(wanted: int, log: Callable[[str], None]) -> int:
+    """How many connections the gateway may hold: up to twice `max_connections` sockets are
+    open at once (those over it wait for their 503), plus 256 descriptors kept for the store,
+    the models and ZeroMQ. Raises the soft open-file limit toward the hard one when that is
+    needed; if even the hard limit is too low, lowers the connection limit, with a warning."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to check
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    allowed = max(1, (soft - 256) // 2)
+    log(f"warning: the open-file limit ({soft}) leaves room for {allowed} tinker gateway connections, not "
+        f"{wanted}: --tinker-max-connections lowered to {allowed} (raise `ulimit -n` for more)")
+    return allowed
+
+
+def _raw_reply(status: int, reason: str, kind: str, message: str) -> bytes:
+    """A whole HTTP response that closes its connection, for the transport itself."""
+    body = json.dumps({"detail": message, "error": message, "type": kind}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def _connection_class(gateway: "TinkerGateway") -> type:
+    """uvicorn's h11 protocol with the gateway's connection bounds: a connection over
+    `max_connections` has its requests answered 503, one over twice that is closed at once;
+    a request head must arrive within `read_timeout_s` of the connection opening or of the
+    previous reply (data trickling in does not extend it), else the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Connection(H11Protocol):
+        _head_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            open_now = len(self.connections)
+            if open_now > 2 * gateway.max_connections:
+                gateway._refusals += 1
+                if gateway._refusals & (gateway._refusals - 1) == 0:  # 1, 2, 4, ...: a flood is not a log flood
+                    gateway.log(f"tinker gateway: {open_now} connections open, over twice "
+                                f"--tinker-max-connections {gateway.max_connections}: closing new ones at once "
+                                f"({gateway._refusals} so far)")
+                transport.close()
+                return
+            if open_now > gateway.max_connections:
+                self.app = gateway._busy
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_head()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(gateway.read_timeout_s, self._head_overdue, self.cycle)
+
+        def _head_overdue(self, cycle: Any) -> None:
+            self._head_timer = None
+            waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
+            if not waiting or self.transport.is_closing():
+                return  # a request came (its reply re-arms the timer), or the connection is gone
+            if self.conn.trailing_data[0]:  # a head was begun: say why it ends
+                self.transport.write(_raw_reply(
+                    408, "Request Timeout", "RequestTimeout",
+                    f"request head not received within {gateway.read_timeout_s:g} s "
+                    "(workbench-server --tinker-read-timeout)"))
+            self.transport.close()
+
+    return Connection
 
 
 def _checkpoint(record: Optional[dict]) -> Optional[dict]:
@@ -87,7 +258,7 @@ class _Failed(Exception):
 
     def __init__(self, error: BaseException):
         wb_error = as_error(error)
-        super().__init__(str(wb_error))
+        super().__init__(public(str(wb_error)))
         self.category = "server" if getattr(wb_error, "category", "server") == "server" else "user"
 
 
@@ -144,7 +315,9 @@ class TinkerGateway:
                  tokenizer_id: Callable[[str], str] = lambda name: name,
                  hold_s: float = 25.0, gap_timeout_s: float = 30.0, max_futures: int = 4096,
                  max_rank: int = 128, sessions: Optional[Sessions] = None,
-                 limits: Optional[ops.Limits] = None):
+                 limits: Optional[ops.Limits] = None, max_body_bytes: int = 256 * 2**20,
+                 max_connections: int = 1024, read_timeout_s: float = 30.0,
+                 log: Optional[Callable[[str], None]] = None):
         self.scheduler = scheduler
         # The ZeroMQ frontend's book (shared parking); a private one keeps books only.
         self.sessions = sessions if sessions is not None else Sessions(120.0)
@@ -159,6 +332,17 @@ class TinkerGateway:
         self._models: dict[str, _Model] = {}  # tinker model id -> run
         self._samplers: dict[str, dict] = {}  # sampler id -> {tenant, base_model, model_path}
         self._sign_key = secrets.token_bytes(32)  # signs download URLs (they carry no API key)
+        # Bounds of this port (see the module docstring).
+        self.max_body_bytes, self.max_connections = max_body_bytes, max_connections
+        self.read_timeout_s = read_timeout_s
+        self.log = log or (lambda line: print(f"[workbench-server] {line}", file=sys.stderr, flush=True))
+        self._key_backoff = KeyBackoff()
+        self._key_waiting: dict[str, int] = {}  # source -> delayed answers pending
+        self._refusals = 0  # connections closed at once (over twice max_connections)
+        # Session id -> the tenant that created it; per tenant in use order, bounded.
+        self._session_owner: dict[str, str] = {}
+        self._sessions_of: dict[str, "OrderedDict[str, None]"] = {}
+        self.max_sessions_per_tenant = 16384
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None
@@ -173,8 +357,11 @@ class TinkerGateway:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         port = sock.getsockname()[1]
+        self.max_connections = _fd_room(self.max_connections, self.log)
+        # h11 with the connection bounds; idle keep-alive connections close after 5 s.
         config = uvicorn.Config(self.app(), log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=1, access_log=False)
+                                timeout_graceful_shutdown=1, access_log=False,
+                                http=_connection_class(self), timeout_keep_alive=5)
         self._server = uvicorn.Server(config)
         started = threading.Event()
 
@@ -227,16 +414,179 @@ class TinkerGateway:
             Route("/api/v1/checkpoint_files/{run_id}/{kind}/{name}/{file}", self._download_file, methods=get),
             Route("/api/v1/checkpoints", self._list_user_checkpoints, methods=get),
         ]
-        return Starlette(routes=routes, exception_handlers={Exception: self._on_error})
+        # WorkbenchError: answered by Starlette's ExceptionMiddleware (no traceback: a client
+        # error is one log line); anything else is a bug, logged with its traceback by uvicorn.
+        app = Starlette(routes=routes, exception_handlers={WorkbenchError: self._on_error,
+                                                           Exception: self._on_error})
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] == "http":
+                try:
+                    scope, receive = await self._admit(scope, receive)
+                except _Refused as refused:
+                    await self._refuse(scope, send, refused)
+                    return
+                except _Gone:
+                    return  # the client left mid-body: nobody to answer
+            await app(scope, receive, send)
+
+        return guarded
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         """Errors of the request itself (not of a queued operation): a JSON body, always
         with a length, since the SDK retries an empty 400 as a network glitch."""
         error = as_error(exc)
-        status = 401 if isinstance(error, AuthenticationError) else 404 if isinstance(error, NotFoundError) \
+        if isinstance(error, AuthenticationError):  # a bad download signature: guessing backs off too
+            refused = await self._unknown_key(_source(request.scope), public(str(error)))
+            return self._refusal(request.scope, refused)
+        status = 404 if isinstance(error, NotFoundError) \
             else 429 if isinstance(error, QueueFullError) else 400 if error.category != "server" else 500
-        return JSONResponse({"detail": str(error), "error": str(error), "type": type(error).__name__},
+        message = public(str(error))
+        self._log_error(request.scope, status, message)
+        return JSONResponse({"detail": message, "error": message, "type": type(error).__name__},
                             status_code=status)
+
+    # ------------------------------------------------------------ bounds
+
+    async def _admit(self, scope: dict, receive: Callable) -> tuple[dict, Callable]:
+        """Check the API key (before any byte of the body is read), then read the body
+        within the size limit and the read timeout, decompressing a zstd one as a bounded
+        stream. Returns the scope and a `receive` that replays the body to the app."""
+        started = time.monotonic()
+        headers = Headers(scope=scope)
+        if not scope["path"].startswith(_PUBLIC):
+            key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+            if self.keys.get(key) is None:
+                raise await self._unknown_key(_source(scope))
+        length = headers.get("content-length")
+        if length is None and "chunked" not in headers.get("transfer-encoding", "").lower():
+            return scope, receive  # no body
+        if length is not None:
+            if not length.strip().isdigit():
+                raise _Refused(400, "Content-Length must be a number of bytes", "InvalidRequestError", close=True)
+            if int(length) > self.max_body_bytes:
+                raise self._too_large(f"a body of {int(length) / 2**20:.1f} MiB")
+        chunks, size, deadline = [], 0, started + self.read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _Refused(408, f"request body not received within {self.read_timeout_s:g} s "
+                               f"(received {size} bytes; workbench-server --tinker-read-timeout)",
+                               "RequestTimeout", close=True) from None
+            if message["type"] == "http.disconnect":
+                raise _Gone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large("the body")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        del chunks
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding == "zstd":
+            body = await asyncio.to_thread(self._unzstd, body)
+        elif encoding not in ("", "identity"):
+            raise _Refused(415, f"Content-Encoding {encoding!r} is not supported (zstd or none)",
+                           "InvalidRequestError")
+        if encoding:
+            drop = (b"content-encoding", b"content-length", b"transfer-encoding")
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in drop]
+                     + [(b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the connection's own events
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return scope, replay
+
+    def _too_large(self, what: str, verb: str = "is over") -> _Refused:
+        return _Refused(413, f"{what} {verb} {self.max_body_bytes / 2**20:g} MiB, this server's request "
+                        "limit (workbench-server --max-message-mb); send less data per request",
+                        "RequestTooLarge")
+
+    def _unzstd(self, body: bytes) -> bytes:
+        """A zstd body, decompressed as a stream that stops past `max_body_bytes` of output
+        (a bomb costs at most that much memory). Runs in a worker thread."""
+        import zstandard
+
+        limit = self.max_body_bytes
+        try:
+            declared = zstandard.frame_content_size(body)
+        except zstandard.ZstdError:
+            raise _Refused(400, "body is not zstd data (Content-Encoding: zstd)", "InvalidRequestError") from None
+        if declared > limit:
+            raise self._too_large("the zstd body's content", "expands past")
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        parts, size = [], 0
+        try:
+            while True:
+                part = reader.read(min(1 << 20, limit + 1 - size))
+                if not part:
+                    break
+                size += len(part)
+                if size > limit:
+                    raise self._too_large("the zstd body's content", "expands past")
+                parts.append(part)
+        except zstandard.ZstdError as exc:
+            raise _Refused(400, f"body is not valid zstd data: {exc}", "InvalidRequestError") from None
+        return b"".join(parts)
+
+    async def _unknown_key(self, source: str, message: str = "") -> _Refused:
+        """A failed API key (or download signature) from `source`: the refusal, answered
+        after the source's back-off delay (on this loop: other requests go on meanwhile)."""
+        message = message or ("unknown API key; pass the key the server was started with (TINKER_API_KEY, "
+                              "a tml-... key given to --api-key/--api-keys)")
+        count, delay = self._key_backoff.failed(source)
+        quiet = count & (count - 1) != 0  # logged at failures 1, 2, 4, 8, ... of a window
+        if delay:
+            waiting = self._key_waiting.get(source, 0)
+            if waiting >= KEY_MAX_WAITING:
+                return _Refused(429, f"too many requests with unknown API keys from {source}; wait "
+                                f"{KEY_WINDOW_S:g} s", "AuthenticationError", close=True, quiet=quiet)
+            self._key_waiting[source] = waiting + 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._key_waiting[source] -= 1
+                if not self._key_waiting[source]:
+                    del self._key_waiting[source]
+        note = f" [{count} from {source} within {KEY_WINDOW_S:g} s; answered {delay:g} s late]" if count > 1 else ""
+        return _Refused(401, message, "AuthenticationError", quiet=quiet, note=note)
+
+    def _refusal(self, scope: dict, refused: _Refused) -> Response:
+        if not refused.quiet:
+            self._log_error(scope, refused.status, refused.message + refused.note)
+        return JSONResponse({"detail": refused.message, "error": refused.message, "type": refused.kind},
+                            status_code=refused.status, headers={"connection": "close"} if refused.close else None)
+
+    async def _refuse(self, scope: dict, send: Callable, refused: _Refused) -> None:
+        async def nothing() -> dict:
+            return {"type": "http.disconnect"}
+
+        await self._refusal(scope, refused)(scope, nothing, send)
+
+    async def _busy(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """The app of a connection over `max_connections`: every request on it gets 503."""
+        if scope["type"] == "http":
+            await self._refuse(scope, send, _Refused(
+                503, f"the tinker gateway is at its limit of {self.max_connections} open connections "
+                "(workbench-server --tinker-max-connections); retry shortly", "ServerBusy", close=True))
+
+    def _log_error(self, scope: dict, status: int, message: str) -> None:
+        """One line per client error (no traceback: the request was at fault, not the server)."""
+        headers = Headers(scope=scope)
+        tenant = self.keys.get(headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer "))
+        who = f"tenant {tenant!r} at {_source(scope)}" if tenant else _source(scope)
+        line = " ".join(message.split())
+        self.log(f"tinker gateway: {status} {scope.get('method', '?')} {scope.get('path', '?')} "
+                 f"({who}): {line[:300]}{'...' if len(line) > 300 else ''}")
 
     # ------------------------------------------------------------ plumbing
 

@@ -19,6 +19,8 @@ CASES = [
     ("bench_decode.py", ["--prompts", "2", "--new-tokens", "2", "--adapters", "2", "--repeats", "1"],
      {"ours_tokens_per_s", "hf_peft_tokens_per_s", "base_only_tokens_per_s", "speedup_vs_hf_peft",
       "multi_lora_overhead"}, 1),
+    ("bench_abuse.py", ["--steps", "2", "--seq-len", "16", "--abuses", "diverged,malformed"],
+     {"abuse", "p50_ms", "p99_ms", "lost", "duplicates", "loss_finite", "server_peak_rss_mb"}, 3),
 ]
 
 

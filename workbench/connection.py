@@ -9,22 +9,35 @@ CURVE: given the server's public key (a server started with --curve-secret-file)
 and any event subscriber encrypt and authenticate the server with an ephemeral client keypair
 (`curve_client`). ZeroMQ drops a failed CURVE handshake silently, so a missing or wrong key
 shows as an unreachable server; that error says so.
+
+Events: the tenant's own events (its runs' metrics, its sessions) come on this same socket,
+authenticated by the API key and encrypted like the replies. `add_event_sink` subscribes the
+connection (`subscribe_events`, the union of every sink's topics) and the I/O thread renews
+the subscription's lease (every third of it); event messages (no request id, a topic) go to
+the sinks whose topics match, on the I/O thread, so a sink must be quick
+(`workbench.events.EventStream` queues them for its own thread).
+
+Sessions end with `end_session` (`ServiceClient.close()`, and at interpreter exit for the
+sessions still live): the server then cancels their requests still queued.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import zmq
 
 from . import wire
-from .errors import ConnectionFailedError, InvalidRequestError, ProtocolError, error_from_wire
+from .errors import (
+    ConnectionFailedError, InvalidRequestError, ProtocolError, RequestFailedError, error_from_wire,
+)
 from .futures import APIFuture
 # A protocol fact (workbench.wire); re-exported so `workbench.connection.check_curve_key` works.
 from .wire import check_curve_key
@@ -117,6 +130,12 @@ class Connection:
         self._beat_now = False
         self._next_heartbeat = 0.0  # monotonic time of the next beat (I/O thread)
         self._heartbeat_inflight: dict[str, str] = {}  # session id -> request id
+        # Event sinks: token -> (topics, fn); the server's subscription is their union.
+        self._sinks: dict[int, tuple[frozenset, Callable[[dict], None]]] = {}
+        self._sink_ids = itertools.count()
+        self._sinks_lock = threading.Lock()
+        self._subscribe_s = 10.0  # lease renewal interval: a third of the server's lease
+        self._next_subscribe = float("inf")  # monotonic time of the next renewal (I/O thread)
         self._thread = threading.Thread(target=self._loop, name="workbench-io", daemon=True)
         self._thread.start()
         try:
@@ -180,6 +199,75 @@ class Connection:
     def remove_session(self, session_id: str) -> None:
         self._sessions.discard(session_id)
 
+    def end_session(self, session_id: str, timeout: float = 5.0) -> bool:
+        """Stop heartbeating this session and tell the server it ended (its requests still
+        queued are cancelled there; those already running finish). True once the server
+        confirmed; False if it could not be told (closed connection, server gone, or an
+        older server without the op): then the session's silence ends it later."""
+        self._sessions.discard(session_id)
+        if self._closed:
+            return False
+        try:
+            self.call("end_session", {"session_id": session_id}).result(timeout)
+            return True
+        except (TimeoutError, RequestFailedError, ConnectionFailedError):
+            return False
+
+    # ---------------------------------------------------------------- events
+
+    def add_event_sink(self, topics: Iterable[str], fn: Callable[[dict], None]) -> tuple[int, APIFuture]:
+        """Call fn(event) for each of this tenant's events on `topics` (on the I/O thread:
+        keep fn quick). Returns (token for remove_event_sink, the subscription's future,
+        resolved once the server subscribed this connection)."""
+        with self._sinks_lock:
+            token = next(self._sink_ids)
+            self._sinks[token] = (frozenset(topics), fn)
+            return token, self._subscribe_locked()
+
+    def remove_event_sink(self, token: int) -> None:
+        with self._sinks_lock:
+            if self._sinks.pop(token, None) is not None and not self._closed:
+                self._subscribe_locked()
+
+    def _subscribe_locked(self) -> APIFuture:
+        # Under _sinks_lock, so requests leave in the order their unions were computed.
+        topics = sorted(set().union(*(t for t, _ in self._sinks.values())))
+        future = self.call("subscribe_events", {"topics": topics})
+        future.add_done_callback(self._on_subscribed)
+        return future
+
+    def _on_subscribed(self, future: APIFuture) -> None:
+        result = future.result() if future.exception() is None else None
+        lease = result.get("lease") if isinstance(result, dict) else None
+        if isinstance(lease, (int, float)) and lease > 0:
+            self._subscribe_s = max(0.2, lease / 3)  # three renewals per lease
+        self._next_subscribe = time.monotonic() + self._subscribe_s
+
+    def _renew_subscription(self, dealer: "zmq.Socket") -> None:
+        """Renew the event subscription (I/O thread only): it also re-subscribes after the
+        server restarted or the socket reconnected under a new identity."""
+        with self._sinks_lock:
+            topics = sorted(set().union(*(t for t, _ in self._sinks.values())))
+        request_id = f"ev-{uuid.uuid4().hex[:12]}-{next(_ids)}"
+        future: APIFuture = APIFuture()
+        future.add_done_callback(self._on_subscribed)
+        self._pending[request_id] = future
+        self._next_subscribe = time.monotonic() + self._subscribe_s
+        dealer.send_multipart(wire.encode(wire.request(
+            request_id, "subscribe_events", self.api_key, {"topics": topics})), copy=False)
+
+    def _on_event(self, event: dict) -> None:
+        topic = event.get("topic")
+        with self._sinks_lock:
+            sinks = [fn for topics, fn in self._sinks.values() if topic in topics]
+        for fn in sinks:
+            try:
+                fn(event)
+            except Exception:  # a broken sink must not take the I/O thread down
+                import traceback
+
+                traceback.print_exc()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -205,12 +293,18 @@ class Connection:
         running = True
         self._next_heartbeat = time.monotonic() + self._heartbeat_s
         while running:
-            wait_ms = max(0.0, self._next_heartbeat - time.monotonic()) * 1000
-            ready = dict(poller.poll(wait_ms if self._heartbeats_on else None))
+            deadlines = [self._next_heartbeat] if self._heartbeats_on else []
+            if self._sinks:
+                deadlines.append(self._next_subscribe)
+            wait = min(deadlines, default=None)
+            ready = dict(poller.poll(None if wait is None or wait == float("inf")
+                                     else max(0.0, wait - time.monotonic()) * 1000))
             if self._heartbeats_on and (self._beat_now or time.monotonic() >= self._next_heartbeat):
                 self._beat_now = False
                 self._send_heartbeats(dealer)
                 self._next_heartbeat = time.monotonic() + self._heartbeat_s
+            if self._sinks and time.monotonic() >= self._next_subscribe:
+                self._renew_subscription(dealer)
             if self._wake_pull in ready:
                 while True:
                     try:
@@ -276,6 +370,9 @@ class Connection:
             reply = wire.decode(frames)
         except wire.WireError:
             return  # a corrupted reply cannot be matched to a request; its caller times out
+        if isinstance(reply, dict) and "id" not in reply and isinstance(reply.get("topic"), str):
+            self._on_event(reply)  # one of this tenant's events (subscribe_events)
+            return
         future = self._pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
         if future is None:
             return
@@ -303,4 +400,39 @@ def connection_for(url: str, api_key: str, connect_timeout: float = 60.0,
         if conn is None or conn._closed:
             conn = Connection(url, api_key, connect_timeout, server_public_key)
             _connections[key] = conn
+            _register_goodbye()
         return conn
+
+
+_goodbye_registered = False
+GOODBYE_S = 1.0  # at most this long, in all, at interpreter exit
+
+
+def _register_goodbye() -> None:
+    """Register the exit goodbye once, after the first connection exists: atexit runs last
+    registered first, so it runs before an embedded server started earlier is stopped."""
+    global _goodbye_registered
+    if not _goodbye_registered:
+        _goodbye_registered = True
+        atexit.register(_goodbye_at_exit)
+
+
+def _goodbye_at_exit() -> None:
+    """End the sessions still live in this process (their ServiceClients were never closed),
+    so that the server cancels their queued work now rather than after their silence."""
+    deadline = time.monotonic() + GOODBYE_S
+    futures = []
+    for conn in list(_connections.values()):
+        if conn._pid != os.getpid() or conn._closed:
+            continue
+        for session_id in list(conn._sessions):
+            conn._sessions.discard(session_id)
+            try:
+                futures.append(conn.call("end_session", {"session_id": session_id}))
+            except Exception:
+                pass
+    for future in futures:
+        try:
+            future.result(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass

@@ -58,6 +58,9 @@ class ServiceClient:
         self.session_id = uuid.uuid4().hex
         self._connection.add_session(self.session_id)
         self._finalizer = weakref.finalize(self, self._connection.remove_session, self.session_id)
+        # At interpreter exit the connection's goodbye ends the session (workbench.connection),
+        # so the finalizer must not drop it from the heartbeat set first.
+        self._finalizer.atexit = False
 
     @property
     def server_info(self) -> dict:
@@ -68,19 +71,20 @@ class ServiceClient:
 
     @property
     def events_url(self) -> Optional[str]:
-        """The server's event stream (a ZeroMQ PUB socket; topics ``cycle`` and ``session``),
-        from its hello. `events()` subscribes to it (with this client's CURVE key, if any)."""
+        """The server's public event stream (a ZeroMQ PUB socket, topic ``cycle``), from its
+        hello: each cycle's anonymous aggregate only (cycle, start, seconds, tenants, runs,
+        requests by op, tokens, queue_depth), no run ids, tenant names or metrics. Your own
+        events come through `events()`."""
         return (self._connection.hello or {}).get("events_url")
 
     def events(self, topics: Sequence[str] = DEFAULT_TOPICS) -> EventStream:
-        """The server's events on these topics: the process's shared `EventStream` for this
-        server, encrypted with this client's CURVE key when it has one. Subscribe with
-        ``stream.subscribe(fn)``; ``stream.latest`` is the last event. RuntimeError if the
-        server announced no event stream."""
-        url = self.events_url
-        if not url:
-            raise RuntimeError("this server announced no event stream (no events_url in its hello reply)")
-        return EventStream.for_url(url, self._connection.server_public_key, topics)
+        """This tenant's events on these topics ("cycle", "session"): the process's shared
+        `EventStream` for this connection. They come on the request socket, subscribed with
+        this client's API key (and CURVE-encrypted when it has a server key): every cycle's
+        aggregate figures plus this tenant's own ``run_metrics`` and ``queue_depth_by_tenant``
+        entry, and its own sessions' events; never another tenant's. Subscribe with
+        ``stream.subscribe(fn)``; ``stream.latest`` is the last event."""
+        return EventStream.for_connection(self._connection, topics)
 
     @property
     def server_public_key(self) -> Optional[str]:
@@ -89,12 +93,25 @@ class ServiceClient:
         return key.decode() if key is not None else None
 
     def close(self) -> None:
-        """End this client's session: heartbeats stop, so the server may park its runs.
+        """End this client's session: heartbeats stop and the server is told (a goodbye,
+        waited for at most a few seconds). The server parks the session's runs and samplers
+        at once and cancels their requests still queued: each fails with "cancelled: the
+        client session ended"; requests already running finish. Closing twice does nothing.
+        Leaving a ``with ServiceClient(...) as service:`` block closes it; so does the
+        interpreter's exit, for clients never closed.
 
         The connection stays shared with other clients of the same URL and key; an embedded
         server keeps running until the process exits (``local_server.stop()`` ends it now).
         """
-        self._finalizer()
+        if self._finalizer.alive:
+            self._finalizer()
+            self._connection.end_session(self.session_id)
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -------------------------------------------------------------- creation
 
