@@ -104,10 +104,10 @@ def abuse(kind: str, url: str, stop: threading.Event, model: str, seq_len: int) 
                 run.optim_step(types.AdamParams(learning_rate=1e30)).result()
             except Exception:
                 pass  # refused: its own gradients are not finite
-    elif kind == "backlog":  # keep 64 requests queued at all times
+    elif kind == "backlog":  # keep 200 requests queued at all times (the queue limit is 256)
         pending: list = []
         while not stop.is_set():
-            while len(pending) < 64:
+            while len(pending) < 200:
                 pending.append(run.forward_backward([datum(types, rng.integers(0, 1000, seq_len))], "cross_entropy"))
             pending.pop(0).result()
     elif kind == "malformed":  # a 2-D tokens array the SDK would never send

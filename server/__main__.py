@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="engine tokens (trained + sampled) per cycle, split equally between the tenants that "
                         "have work, so one flooding tenant cannot starve the others; 0 = no cap "
                         "(default 65536)")
+    parser.add_argument("--tenant-quantum", type=int, default=4096,
+                        help="while several tenants have work, the most engine tokens one takes of "
+                        "a cycle (its first request excepted), so one tenant's backlog stretches "
+                        "another's step by at most this much work per cycle; 0 = only "
+                        "--cycle-tokens (default 4096)")
     parser.add_argument("--session-timeout", type=float, default=120.0, metavar="SECONDS",
                         help="park the runs and checkpoint samplers of a session (a workbench "
                         "client, or a tinker SDK session on --tinker-port) silent for this long: "
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--models: {exc}")
         log(f"loaded {name} on {engine.device}")
     store = Store(Path(args.store) if args.store else default_store())
-    scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens)
+    scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens,
+                          tenant_quantum=args.tenant_quantum)
     runner = CycleRunner(engine, store, max_runs_per_tenant=args.max_runs_per_tenant)
     capabilities = Capabilities(engine, args.max_rank, args.cycle_ms)
     limits = Limits(max_rank=args.max_rank, max_samples=args.max_samples,

@@ -63,9 +63,13 @@ class CyclePlan:
 class Scheduler:
     """Thread-safe books: frontends submit, the engine thread takes cycle plans."""
 
-    def __init__(self, queue_limit: int = 256, cycle_tokens: int = 0):
+    def __init__(self, queue_limit: int = 256, cycle_tokens: int = 0, tenant_quantum: int = 0):
         self.queue_limit = queue_limit
         self.cycle_tokens = cycle_tokens  # train tokens per cycle, shared by tenants; 0 = no cap
+        # With several tenants at work, none takes more than this many tokens of a cycle (its
+        # first request excepted), so another's step waits for at most that much of its work
+        # per cycle, however long its backlog; 0 = no quantum. A lone tenant is not held back.
+        self.tenant_quantum = tenant_quantum
         self._queues: dict[str, deque[Work]] = {}
         self._per_tenant: dict[str, int] = {}
         self._cond = threading.Condition()
@@ -164,6 +168,8 @@ class Scheduler:
                 if queue:
                     by_tenant.setdefault(queue[0].tenant, []).append(name)
             share = self.cycle_tokens // len(by_tenant) if self.cycle_tokens and by_tenant else None
+            if self.tenant_quantum and len(by_tenant) > 1:
+                share = self.tenant_quantum if share is None else min(share, self.tenant_quantum)
             for names in by_tenant.values():
                 budget = [share]  # one tenant's remaining share, spent across its runs
                 for name in names:

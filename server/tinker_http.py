@@ -48,6 +48,7 @@ Bounds (DESIGN §7: no tenant can hurt another through this port either):
 - Unknown API keys: after `KEY_FREE_FAILURES` failures from one client address within a
   minute, each further failure is answered later (50 ms, doubling, at most 4 s), on the event
   loop (nobody else waits); valid keys are never delayed. Client errors are logged as one line.
+"""
 
 from __future__ import annotations
 

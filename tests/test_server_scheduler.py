@@ -116,3 +116,16 @@ def test_cycle_events_carry_the_queue_depth_per_tenant_beside_the_total():
     assert [e["queue_depth_by_tenant"] for e in events] == [{"flood": 2}, {"flood": 1}, {}]
     assert [e["queue_depth"] for e in events] == [2, 1, 0]
     assert [e["tenants"] for e in events] == [2, 1, 1]
+
+
+def test_with_several_tenants_a_backlog_takes_at_most_the_quantum_of_a_cycle():
+    books = Scheduler(cycle_tokens=100_000, tenant_quantum=40)
+    for _ in range(50):
+        books.submit(work("forward_backward", "flood", "run-a", tokens=15))
+    books.submit(work("forward_backward", "quiet", "run-b", tokens=15))
+    books.submit(work("optim_step", "quiet", "run-b"))
+    first = taken(books.next_plan())
+    assert first.count(("run-a", "forward_backward")) == 2  # 15 + 15; a third would pass 40
+    assert ("run-b", "optim_step") in first
+    alone = taken(books.next_plan())  # the flood alone is not held back by the quantum
+    assert len(alone) == 48

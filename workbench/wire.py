@@ -14,16 +14,25 @@ Envelopes::
     request  {"v": PROTOCOL_VERSION, "id": str, "op": str, "key": str, "args": map}
     reply    {"v": PROTOCOL_VERSION, "id": str, "ok": true,  "result": any}
              {"v": PROTOCOL_VERSION, "id": str, "ok": false, "error": {type, message, where}}
-    event    {"v": PROTOCOL_VERSION, "topic": str, ...}            (PUB socket, one frame
-                                                                   topic + message frames)
+    event    {"v": PROTOCOL_VERSION, "topic": str, ...}            (no "id": on the request
+                                                                   socket to a subscribed
+                                                                   connection; on the PUB
+                                                                   socket one frame topic +
+                                                                   message frames)
 
-Events (PUB socket at hello's events_url), by topic:
+Events are private to their tenant (DESIGN §7). A connection that sent `subscribe_events`
+gets its tenant's events on the request socket (authenticated by the API key, CURVE-encrypted
+when the server uses CURVE), by topic:
 
     cycle    {cycle, start (unix s), seconds, tenants, runs, requests: {op: count}, tokens,
-              queue_depth, queue_depth_by_tenant: {tenant: n},
-              run_metrics: {run or sampler id: {op: metrics}}}
+              queue_depth, queue_depth_by_tenant: {own tenant: n} (empty when none queued),
+              run_metrics: {own run or sampler id: {op: metrics}}}
     session  {session, state: "parked" | "resumed", runs, samplers,
-              reason: "silent" | "finished" (parked only)}
+              reason: "silent" | "finished" (parked only)}      (own sessions only)
+
+The PUB socket at hello's events_url carries only the anonymous aggregate of each cycle, for
+anyone: topic cycle with {cycle, start, seconds, tenants, runs, requests, tokens,
+queue_depth}: no run ids, no tenant names, no metrics, no session events.
 
 Ops (args -> result; arrays are numpy on both sides). The server's op table
 (`server/ops.py`) holds each op's phase, required arguments, owner and cost; the payload
@@ -39,6 +48,15 @@ builds the same shapes through them).
                              has its runs parked until its next request; create_model may
                              carry session_id, and a run created without one is its own session)
     get_server_capabilities  {}                               -> GetServerCapabilitiesResponse
+    subscribe_events         {topics: ["cycle", "session"]}   -> {topics, lease}
+                             (immediate; this connection gets its tenant's events on those
+                             topics, [] ends it; a lease of `lease` seconds, renewed by
+                             sending it again: the SDK does, every third of it)
+    end_session              {session_id}                     -> {session_id}
+                             (immediate; the client's goodbye, sent by ServiceClient.close():
+                             the session is parked at once and its requests still queued fail
+                             with "cancelled: the client session ended"; running ones finish.
+                             A session silent for `timeout` ends the same way)
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
                               user_metadata, session_id}      -> {model_id}
