@@ -10,7 +10,7 @@ import time
 
 from workbench.errors import InvalidRequestError
 
-from .store import Store
+from .store import RunCorruptedError, Store
 
 
 class Listings:
@@ -26,7 +26,10 @@ class Listings:
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
 
     def get_training_run(self, tenant: str, args: dict) -> dict:
-        return self.run_record(self.store.run_meta(args["run_id"], tenant))
+        try:
+            return self.run_record(self.store.run_meta(args["run_id"], tenant))
+        except RunCorruptedError as exc:  # its owner sees the run, marked as Tinker marks it
+            return {"training_run_id": exc.run_id, "base_model": "", "model_owner": tenant, "corrupted": True}
 
     def list_checkpoints(self, tenant: str, args: dict) -> dict:
         return {"checkpoints": self.store.list_checkpoints(args["run_id"], tenant), "cursor": None}

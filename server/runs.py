@@ -89,7 +89,8 @@ class Runs:
     def _load_sampler_adapter(self, sampler: Sampler) -> None:
         meta, config = self.checkpoint_run(sampler.model_path, sampler.tenant)
         tensors, _, _ = self.store.load_checkpoint(sampler.model_path, sampler.tenant)
-        self.engine.import_adapter(sampler.sampler_id, meta["base_model"], config, tensors, trainable=False)
+        with _checkpoint_errors(sampler.model_path):
+            self.engine.import_adapter(sampler.sampler_id, meta["base_model"], config, tensors, trainable=False)
         self._loaded_samplers[sampler.sampler_id] = None
         mine = [s for s in self._loaded_samplers if self.samplers.get(s, sampler).tenant == sampler.tenant]
         for sampler_id in mine[:max(0, len(mine) - self.max_runs_per_tenant)]:  # LRU first

@@ -706,9 +706,9 @@ class Engine:
         pairs = self._checked_pairs(old.base, old.config, tensors, old.trainable)
         missing, extra = sorted(set(old.pairs) - set(pairs)), sorted(set(pairs) - set(old.pairs))
         if missing or extra:
-            raise EngineInputError(
-                f"the checkpoint's LoRA modules differ from this adapter's ({len(missing)} missing"
-                f"{', e.g. ' + missing[0] if missing else ''}; {len(extra)} extra{', e.g. ' + extra[0] if extra else ''})")
+            example = lambda names: f", e.g. {names[0]}" if names else ""  # noqa: E731
+            raise EngineInputError(f"the checkpoint's LoRA modules differ from this adapter's ({len(missing)} "
+                                   f"missing{example(missing)}; {len(extra)} extra{example(extra)})")
         temp_id = f".loading-{adapter_id}"
         self._import(temp_id, old.base, old.config, pairs, old.trainable, optimizer_state)
         self.remove_adapter(adapter_id)
