@@ -93,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "This is plain HTTP, not covered by --curve-secret-file: on a "
                         "non-loopback --host, keys and data cross the network unencrypted "
                         "(put a TLS proxy in front, or an SSH tunnel)")
+    parser.add_argument("--tinker-max-connections", type=int, default=1024, metavar="N",
+                        help="open connections the --tinker-port gateway serves; requests on more "
+                        "get HTTP 503 (the SDK retries), beyond twice this new connections are "
+                        "closed at once (default 1024; its bodies are limited by --max-message-mb)")
+    parser.add_argument("--tinker-read-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a --tinker-port request's head must arrive within this of its "
+                        "connection opening (or of the previous reply), and its body within this "
+                        "of the head: else HTTP 408 and the connection is closed (default 30)")
     parser.add_argument("--curve-secret-file", default=None, metavar="PATH",
                         help="encrypt the request and event sockets with ZeroMQ CURVE: PATH holds "
                         "the server's z85 secret key (created, mode 0600, with a fresh keypair if "
@@ -289,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tinker_port is not None:
         from .tinker_http import TinkerGateway, tokenizer_id
 
+        if args.tinker_max_connections < 1 or args.tinker_read_timeout <= 0:
+            raise SystemExit("--tinker-max-connections must be >= 1, --tinker-read-timeout > 0")
         gateway = TinkerGateway(scheduler, keys, capabilities.response, tokenizer_id, limits=limits,
-                                sessions=sessions)
+                                sessions=sessions, max_body_bytes=int(args.max_message_mb * 2**20),
+                                max_connections=args.tinker_max_connections,
+                                read_timeout_s=args.tinker_read_timeout, log=log)
         try:
             log(f"tinker gateway {gateway.start(args.host, args.tinker_port)}")
         except OSError as exc:

@@ -305,8 +305,31 @@ class Frontend:
             message = wire.check_request(message)
             tenant = self.keys.get(message["key"])
             if tenant is None:
-                raise AuthenticationError("unknown API key; pass the key the server was started with "
-                                          "(api_key= or WORKBENCH_API_KEY)")
+                error = AuthenticationError("unknown API key; pass the key the server was started with "
+                                            "(api_key= or WORKBENCH_API_KEY)")
+                # Back-off, counted for all peers together: a ROUTER peer has no address here and
+                # its identity is new on every reconnect, so per identity it would stop nobody.
+                # After 5 failures within a minute each further one is answered later (50 ms,
+                # doubling, at most 4 s) by a timer thread through the outbox: this thread never
+                # waits, and a valid key never comes here. At most 32 answers wait; failures
+                # beyond those get none (a flood's own timeouts end them).
+                backoff = self.__dict__.setdefault("_key_backoff", [0, 0.0, threading.BoundedSemaphore(32)])
+                now = time.monotonic()
+                backoff[0], backoff[1] = (1 if now - backoff[1] > 60 else backoff[0] + 1), now
+                if backoff[0] <= 5:
+                    raise error
+                if backoff[2].acquire(blocking=False):
+                    reply = wire.error_reply(request_id, error.to_wire())
+
+                    def answer() -> None:
+                        backoff[2].release()
+                        self._outbox.put((identity, "", "", reply))
+                        self._wake()
+
+                    timer = threading.Timer(min(4.0, 0.05 * 2 ** min(backoff[0] - 6, 16)), answer)
+                    timer.daemon = True
+                    timer.start()
+                return
             cached = self._replies.get((tenant, request_id))
             if (tenant, request_id) in self._replies:
                 if cached is not None:  # a resent id gets the original reply

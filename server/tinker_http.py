@@ -88,9 +88,10 @@ _PROTO = "application/x-protobuf"
 # Paths served without an API key (a download link carries its own signature instead).
 _PUBLIC = ("/api/v1/healthz", "/api/v1/telemetry", "/api/v1/checkpoint_files/")
 
-# An absolute filesystem path in an error message (an OSError's file name, say); URLs and
-# tinker:// or wb:// paths are not matched (their slashes follow ':', '/' or a word character).
-_SERVER_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\",:/]+(?:/[^\s'\",:/]*)*")
+# An absolute filesystem path in an error message (an OSError's file name, quoted, spaces and
+# all; or bare); URLs and tinker:// or wb:// paths are not matched (their slashes follow ':',
+# '/' or a word character).
+_SERVER_PATH = re.compile(r"""(?<![\w:/.~-])(['"])/(?:(?!\1).)*\1|(?<![\w:/.~-])/[^\s'",:/)\]]+(?:/[^\s'",:/)\]]*)*""")
 
 # Back-off for unknown API keys (per client address over HTTP, global over ZeroMQ).
 KEY_FREE_FAILURES = 5  # failures within KEY_WINDOW_S answered at once
@@ -101,7 +102,7 @@ KEY_MAX_WAITING = 32  # delayed answers waiting per source; beyond, answered at 
 
 def public(message: str) -> str:
     """An error message fit for a client: no server paths (store, model or temp files)."""
-    return _SERVER_PATH.sub("<server path>", message)
+    return _SERVER_PATH.sub(lambda m: f"{m[1]}<server path>{m[1]}" if m[1] else "<server path>", message)
 
 
 class KeyBackoff:
@@ -336,6 +337,9 @@ class TinkerGateway:
         # Bounds of this port (see the module docstring).
         self.max_body_bytes, self.max_connections = max_body_bytes, max_connections
         self.read_timeout_s = read_timeout_s
+        self.max_body_bytes_per_tenant = 4 * max_body_bytes  # bodies being read or handled at once
+        self._body_bytes: dict[str, int] = {}  # tenant -> bytes reserved
+        self._body_room = asyncio.Condition()
         self.log = log or (lambda line: print(f"[workbench-server] {line}", file=sys.stderr, flush=True))
         self._key_backoff = KeyBackoff()
         self._key_waiting: dict[str, int] = {}  # source -> delayed answers pending
@@ -421,15 +425,19 @@ class TinkerGateway:
                                                            Exception: self._on_error})
 
         async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
-            if scope["type"] == "http":
-                try:
-                    scope, receive = await self._admit(scope, receive)
-                except _Refused as refused:
-                    await self._refuse(scope, send, refused)
-                    return
-                except _Gone:
-                    return  # the client left mid-body: nobody to answer
-            await app(scope, receive, send)
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            held: list = []  # (tenant, bytes) of body memory reserved for this request
+            try:
+                scope, receive = await self._admit(scope, receive, held)
+                await app(scope, receive, send)
+            except _Refused as refused:
+                await self._refuse(scope, send, refused)
+            except _Gone:
+                pass  # the client left mid-body: nobody to answer
+            finally:
+                if held:
+                    await self._release(*held)
 
         return guarded
 
@@ -449,16 +457,20 @@ class TinkerGateway:
 
     # ------------------------------------------------------------ bounds
 
-    async def _admit(self, scope: dict, receive: Callable) -> tuple[dict, Callable]:
-        """Check the API key (before any byte of the body is read), then read the body
-        within the size limit and the read timeout, decompressing a zstd one as a bounded
-        stream. Returns the scope and a `receive` that replays the body to the app."""
+    async def _admit(self, scope: dict, receive: Callable, held: list) -> tuple[dict, Callable]:
+        """Check the API key (before any byte of the body is read), reserve the body's
+        memory in its tenant's budget, then read the body within the size limit and the read
+        timeout, decompressing a zstd one as a bounded stream. Returns the scope and a
+        `receive` that replays the body to the app; `held` gets the reservation."""
         started = time.monotonic()
+        deadline = started + self.read_timeout_s
         headers = Headers(scope=scope)
-        if not scope["path"].startswith(_PUBLIC):
-            key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-            if self.keys.get(key) is None:
-                raise await self._unknown_key(_source(scope))
+        if scope["path"].startswith(_PUBLIC):
+            return scope, receive  # no key; their handlers never read a body
+        key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        tenant = self.keys.get(key)
+        if tenant is None:
+            raise await self._unknown_key(_source(scope))
         length = headers.get("content-length")
         if length is None and "chunked" not in headers.get("transfer-encoding", "").lower():
             return scope, receive  # no body
@@ -467,7 +479,11 @@ class TinkerGateway:
                 raise _Refused(400, "Content-Length must be a number of bytes", "InvalidRequestError", close=True)
             if int(length) > self.max_body_bytes:
                 raise self._too_large(f"a body of {int(length) / 2**20:.1f} MiB")
-        chunks, size, deadline = [], 0, started + self.read_timeout_s
+        # What the body may take: its length, or the limit when unknown or decompressed.
+        need = self.max_body_bytes if length is None or headers.get("content-encoding") else int(length)
+        await self._reserve(tenant, need, deadline)
+        held[:] = [tenant, need]
+        chunks, size = [], 0
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
@@ -492,6 +508,9 @@ class TinkerGateway:
         elif encoding not in ("", "identity"):
             raise _Refused(415, f"Content-Encoding {encoding!r} is not supported (zstd or none)",
                            "InvalidRequestError")
+        if len(body) < need:  # held from here on: what the body really is
+            await self._release(tenant, need - len(body))
+            held[1] = len(body)
         if encoding:
             drop = (b"content-encoding", b"content-length", b"transfer-encoding")
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in drop]
@@ -506,6 +525,29 @@ class TinkerGateway:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return scope, replay
+
+    async def _reserve(self, tenant: str, need: int, deadline: float) -> None:
+        """Wait (until `deadline`) for `need` bytes of the tenant's body budget: one tenant's
+        uploads never hold more than `max_body_bytes_per_tenant` of server memory at once."""
+        budget = self.max_body_bytes_per_tenant
+        async with self._body_room:
+            try:
+                await asyncio.wait_for(self._body_room.wait_for(
+                    lambda: self._body_bytes.get(tenant, 0) + need <= budget), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _Refused(429, f"your requests in flight already hold {self._body_bytes.get(tenant, 0) / 2**20:.1f} "
+                               f"MiB of bodies, the most one tenant may ({budget / 2**20:g} MiB, 4 x workbench-server "
+                               "--max-message-mb); wait for their replies", "QueueFullError", close=True) from None
+            self._body_bytes[tenant] = self._body_bytes.get(tenant, 0) + need
+
+    async def _release(self, tenant: str, need: int) -> None:
+        if not need:
+            return
+        async with self._body_room:
+            self._body_bytes[tenant] -= need
+            if not self._body_bytes[tenant]:
+                del self._body_bytes[tenant]
+            self._body_room.notify_all()
 
     def _too_large(self, what: str, verb: str = "is over") -> _Refused:
         return _Refused(413, f"{what} {verb} {self.max_body_bytes / 2**20:g} MiB, this server's request "
@@ -634,6 +676,8 @@ class TinkerGateway:
         """Start `work` as a Tinker future and answer its UntypedAPIFuture at once. A request
         with a `resend_key` seen before answers the first one's future instead (`work` is
         only called for a new request, so a resend never runs twice)."""
+        if resend_key is not None and not all(isinstance(k, (int, str, type(None))) for k in resend_key):
+            raise InvalidRequestError("seq_id must be an integer", "seq_id")
         if resend_key is not None and resend_key in self._idempotent:
             return JSONResponse(self._idempotent[resend_key])
         request_id = uuid.uuid4().hex
@@ -690,7 +734,7 @@ class TinkerGateway:
 
     async def _create_session(self, request: Request) -> Response:
         tenant = self._tenant(request)
-        session_id = "session-" + uuid.uuid4().hex[:16]
+        session_id = self._own_session(tenant, "session-" + uuid.uuid4().hex[:16], claim=True)
         self.sessions.touch(tenant, session_id)
         return JSONResponse({"type": "create_session", "session_id": session_id})
 
@@ -699,6 +743,7 @@ class TinkerGateway:
         session_id = body.get("session_id")
         if not isinstance(session_id, str) or not session_id:
             raise InvalidRequestError("session_heartbeat needs session_id (a string)", "session_id")
+        self._own_session(tenant, session_id, claim=True)  # an unknown id (a restart) is claimed
         if self.sessions.finished(tenant, session_id):
             # 410 Gone: the SDK ends its heartbeat loop on it.
             return JSONResponse({"detail": f"session {session_id!r} has finished"}, status_code=410)
@@ -707,7 +752,8 @@ class TinkerGateway:
 
     async def _finish_session(self, request: Request) -> Response:
         tenant = self._tenant(request)
-        self.sessions.finish(tenant, request.path_params["session_id"])  # its runs are parked now
+        session_id = self._own_session(tenant, request.path_params["session_id"])
+        self.sessions.finish(tenant, session_id)  # its runs are parked now
         return JSONResponse({})
 
     async def _telemetry(self, request: Request) -> Response:
@@ -730,7 +776,7 @@ class TinkerGateway:
         lora = body.get("lora_config") or {}
         if not isinstance(lora, dict):
             raise InvalidRequestError("lora_config must be an object", "lora_config")
-        model_id = f"{session}:train:{seq}"
+        model_id = self._new_model_id(tenant, session, seq)
         args = {"base_model": body.get("base_model"), "rank": lora.get("rank", 32), "seed": lora.get("seed"),
                 "train_mlp": lora.get("train_mlp", True), "train_attn": lora.get("train_attn", True),
                 "train_unembed": lora.get("train_unembed", True), "user_metadata": body.get("user_metadata"),
@@ -741,8 +787,39 @@ class TinkerGateway:
         return self._future(tenant, work, lambda r: {"type": "create_model", "model_id": model_id},
                             resend_key=(tenant, "create", model_id), model_id=model_id)
 
+    def _own_session(self, tenant: str, session_id: Any, claim: bool = False) -> str:
+        """`session_id` as one of `tenant`'s sessions (kept, in use order, up to
+        `max_sessions_per_tenant`). Another tenant's, or an unknown one unless `claim`, is
+        "not found": one answer for both, so no tenant learns or uses another's sessions."""
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= 128:
+            raise InvalidRequestError("session_id must be a string of 1 to 128 characters", "session_id")
+        owner = self._session_owner.get(session_id)
+        if owner is None and claim:
+            owner = self._session_owner[session_id] = tenant
+        if owner != tenant:
+            raise NotFoundError(f"session {session_id!r} not found (create_session first)", "session_id")
+        mine = self._sessions_of.setdefault(tenant, OrderedDict())
+        mine[session_id] = None
+        mine.move_to_end(session_id)
+        while len(mine) > self.max_sessions_per_tenant:
+            self._session_owner.pop(mine.popitem(last=False)[0], None)
+        return session_id
+
+    def _new_model_id(self, tenant: str, session: str, seq: int) -> str:
+        """The SDK's id ``<session>:train:<seq>`` of a model `tenant` creates in its session."""
+        self._own_session(tenant, session)
+        model_id = f"{session}:train:{seq}"
+        existing = self._models.get(model_id)
+        if existing is not None and existing.tenant != tenant:  # (a forgotten session reused)
+            raise NotFoundError(f"session {session!r} not found (create_session first)", "session_id")
+        return model_id
+
     async def _create_run(self, tenant: str, model_id: str, args: dict) -> dict:
         result = await self._submit(tenant, "create_model", args)
+        existing = self._models.get(model_id)
+        if existing is not None and existing.tenant != tenant:  # never hand over another's model
+            raise NotFoundError(f"session {args.get('session_id')!r} not found (create_session first)",
+                                "session_id")
         self.sessions.attach(tenant, args.get("session_id"), result["model_id"], "run")
         self._models[model_id] = _Model(tenant, result["model_id"], result["base_model"],
                                         int(result["rank"]), result.get("arch", ""))
@@ -759,11 +836,7 @@ class TinkerGateway:
 
     async def _forward_backward(self, request: Request) -> Response:
         tenant = self._tenant(request)
-        body = await request.body()
-        if request.headers.get("content-encoding", "") == "zstd":
-            import zstandard
-
-            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        body = await request.body()  # a zstd body arrives decompressed (`_admit`)
         try:
             decoded = tinker_proto.decode_forward_backward(body)
         except tinker_proto.ProtoInputError as exc:
@@ -822,7 +895,7 @@ class TinkerGateway:
             session, seq = body.get("session_id"), body.get("model_seq_id")
             if not isinstance(session, str) or not isinstance(seq, int):
                 raise InvalidRequestError("load_weights needs model_id, or session_id and model_seq_id")
-            model_id = f"{session}:train:{seq}"
+            model_id = self._new_model_id(tenant, session, seq)
             args = {"base_model": "", "from_state": path, "optimizer": optimizer, "session_id": session}
             work = lambda: self._create_run(tenant, model_id, args)  # noqa: E731
             return self._future(tenant, work, lambda r: {"type": "load_weights", "model_id": model_id,
@@ -869,7 +942,11 @@ class TinkerGateway:
 
     async def _create_sampling_session(self, request: Request) -> Response:
         tenant, body = self._tenant(request), await self._json(request)
+        if body.get("session_id") is not None:
+            self._own_session(tenant, body["session_id"])
         key = (tenant, "sampler", body.get("session_id"), body.get("sampling_session_seq_id"))
+        if not isinstance(key[3], (int, str, type(None))):
+            raise InvalidRequestError("sampling_session_seq_id must be an integer", "sampling_session_seq_id")
         if key in self._idempotent:
             return JSONResponse(self._idempotent[key])
         if body.get("model_path"):
@@ -961,7 +1038,8 @@ class TinkerGateway:
         """A training run named by our run id or by the SDK's model id."""
         name = request.path_params["run_id"]
         model = self._models.get(name)
-        return model.run_id if model is not None else name
+        # Only the tenant's own model ids are resolved: another's stays a name it cannot open.
+        return model.run_id if model is not None and model.tenant == self._tenant(request) else name
 
     def _page(self, request: Request) -> dict:
         try:
@@ -1015,7 +1093,8 @@ class TinkerGateway:
     async def _download_file(self, request: Request) -> Response:
         p, q = request.path_params, request.query_params
         rel = f"{p['run_id']}/{p['kind']}/{p['name']}"
-        tenant, expires = q.get("tenant", ""), int(q.get("expires", "0") or 0)
+        expires_text = q.get("expires", "0") or "0"
+        tenant, expires = q.get("tenant", ""), int(expires_text) if expires_text.isdigit() else 0
         if expires < time.time() or not hmac.compare_digest(
                 q.get("sig", ""), self._signature(tenant, f"{rel}/{p['file']}", expires)):
             raise AuthenticationError("download link is invalid or expired; ask for new external_weights_urls")

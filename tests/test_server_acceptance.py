@@ -82,30 +82,26 @@ class Raw:
 
 
 class Events:
-    """A SUB socket on the server's event stream, collecting decoded events by topic."""
+    """The tenant's own events on one topic (`service.events()`: subscribed through the
+    request socket with the service's key, so no slow joiner), collected in order."""
 
-    def __init__(self, url: str, topic: bytes):
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sock.connect(url)
+    def __init__(self, service, topic: str):
+        self._stream = service.events((topic,))
+        self._inbox: list[dict] = []
+        self._stream.subscribe(self._inbox.append)
         self.seen: list[dict] = []
-        time.sleep(0.5)  # PUB/SUB slow joiner: let the subscription reach the server
 
     def collect(self, until, timeout: float = 30.0) -> list[dict]:
         deadline = time.monotonic() + timeout
-        while not until(self.seen) and time.monotonic() < deadline:
-            if self.sock.poll(200):
-                _, *frames = self.sock.recv_multipart()
-                self.seen.append(wire.decode(frames))
-        return self.seen
+        while True:
+            while len(self.seen) < len(self._inbox):
+                self.seen.append(self._inbox[len(self.seen)])
+            if until(self.seen) or time.monotonic() >= deadline:
+                return self.seen
+            time.sleep(0.05)
 
     def close(self) -> None:
-        self.sock.close(0)
-
-
-def events_url(service) -> str:
-    return service.server_info["events_url"]
+        self._stream.unsubscribe(self._inbox.append)
 
 
 def saved_weights(server, path: str) -> dict[str, np.ndarray]:
@@ -242,7 +238,8 @@ def test_poisoned_requests_fail_alone(alice, bob, tokenizer):
 # ------------------------------------------------------------------ scheduling, events
 
 def test_flooding_tenant_does_not_starve_another(alice, bob, tokenizer):
-    events = Events(events_url(alice), b"cycle")
+    events = Events(alice, "cycle")
+    victim_events = Events(bob, "cycle")  # each tenant sees only its own run's metrics
     try:
         flooder = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=7)
         victim = bob.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=8)
@@ -256,13 +253,16 @@ def test_flooding_tenant_does_not_starve_another(alice, bob, tokenizer):
             f.result(120)
 
         def cycles_of(run_id: str, op: str) -> list[int]:
-            return [e["cycle"] for e in events.seen if op in e.get("run_metrics", {}).get(run_id, {})]
+            return [e["cycle"] for e in events.seen + victim_events.seen
+                    if op in e.get("run_metrics", {}).get(run_id, {})]
 
         events.collect(lambda seen: len(cycles_of(flooder.model_id, "forward")) and
                        sum(e["requests"].get("forward", 0) for e in seen
                            if flooder.model_id in e["run_metrics"]) >= 100)
+        victim_events.collect(lambda seen: cycles_of(victim.model_id, "optim_step"))
     finally:
         events.close()
+        victim_events.close()
     flood_cycles = cycles_of(flooder.model_id, "forward")
     victim_cycles = cycles_of(victim.model_id, "forward_backward")
     assert victim_cycles == cycles_of(victim.model_id, "optim_step"), "fb + optim share a cycle"
@@ -278,7 +278,7 @@ def test_flooding_tenant_does_not_starve_another(alice, bob, tokenizer):
 
 
 def test_cycle_events_carry_figures_and_per_run_metrics(alice, tokenizer):
-    events = Events(events_url(alice), b"cycle")
+    events = Events(alice, "cycle")
     try:
         client = alice.create_lora_training_client(base_model="tiny-qwen3", rank=4, seed=9)
         out = client.forward_backward([datum(tokenizer, "metrics please")], "cross_entropy")
@@ -309,7 +309,7 @@ def test_sixteen_clients_fifty_requests_each_resolve_exactly_once(server, tokeni
                    for j in range(50)]
         results[i] = [(j, f.result(120)) for j, f in enumerate(futures)]
 
-    events = Events(events_url(services[0]), b"cycle")
+    events = Events(services[0], "cycle")
     # The cycle event of `expected` (or of an earlier test's work) may still be on its way:
     # count only cycles planned after this point.
     baseline = services[0]._connection.call("ping", {}).result(30)["cycle"]
@@ -467,7 +467,7 @@ def test_sdk_refuses_an_oversized_request_before_sending(alice, tokenizer):
 
 
 def test_silent_session_is_parked_and_comes_back(server, alice, tokenizer):
-    events = Events(events_url(alice), b"session")
+    events = Events(alice, "session")
     raw = Raw(server.url, "key-a")
     session = "notebook-" + uuid.uuid4().hex[:6]
     try:

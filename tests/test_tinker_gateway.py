@@ -302,27 +302,13 @@ def test_cookbook_style_loop_and_shared_cycles(sdk, other):
 
 
 class _Events:
-    """Everything published on some topics of the server's PUB socket, from a thread."""
+    """Everything of some topics of a tenant's own event stream (`service.events()`, through
+    its key), collected from the stream's thread."""
 
-    def __init__(self, url: str, *topics: bytes):
-        import zmq
-
-        from workbench import wire
-
+    def __init__(self, service, *topics: str):
         self.seen: list[dict] = []
-        self._sub = zmq.Context.instance().socket(zmq.SUB)
-        for topic in topics:
-            self._sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self._sub.connect(url)
-        self._stop = threading.Event()
-
-        def listen() -> None:
-            while not self._stop.is_set():
-                if self._sub.poll(50):
-                    self.seen.append(wire.decode(self._sub.recv_multipart()[1:]))
-
-        self._thread = threading.Thread(target=listen, daemon=True)
-        self._thread.start()
+        self._stream = service.events(topics)
+        self._stream.subscribe(self.seen.append)
 
     def of(self, session: str) -> list[dict]:
         return [e for e in list(self.seen) if e.get("topic") == "session" and e["session"] == session]
@@ -336,9 +322,7 @@ class _Events:
         return predicate()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sub.close(0)
+        self._stream.unsubscribe(self.seen.append)
 
 
 def test_silent_sessions_of_both_frontends_are_parked_by_one_book_and_come_back(tmp_path):
@@ -354,7 +338,7 @@ def test_silent_sessions_of_both_frontends_are_parked_by_one_book_and_come_back(
     url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": KEY}
     sdk = tinker.ServiceClient(base_url=url, api_key=KEY)
     ours = wb.ServiceClient(base_url=server.url, api_key=KEY)
-    events = _Events(ours.events_url, b"session", b"cycle")
+    events = _Events(ours, "session", "cycle")
     try:
         tc = sdk.create_lora_training_client(BASE, rank=4, seed=21).result()
         session = tc.model_id.rsplit(":train:", 1)[0]  # the SDK's model ids are <session>:train:<n>

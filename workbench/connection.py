@@ -136,6 +136,7 @@ class Connection:
         self._sinks_lock = threading.Lock()
         self._subscribe_s = 10.0  # lease renewal interval: a third of the server's lease
         self._next_subscribe = float("inf")  # monotonic time of the next renewal (I/O thread)
+        self._renewal_inflight: Optional[str] = None  # request id of the last renewal sent
         self._thread = threading.Thread(target=self._loop, name="workbench-io", daemon=True)
         self._thread.start()
         try:
@@ -251,6 +252,9 @@ class Connection:
         request_id = f"ev-{uuid.uuid4().hex[:12]}-{next(_ids)}"
         future: APIFuture = APIFuture()
         future.add_done_callback(self._on_subscribed)
+        if self._renewal_inflight is not None:  # still unanswered (server away): dropped
+            self._pending.pop(self._renewal_inflight, None)
+        self._renewal_inflight = request_id
         self._pending[request_id] = future
         self._next_subscribe = time.monotonic() + self._subscribe_s
         dealer.send_multipart(wire.encode(wire.request(
