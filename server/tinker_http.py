@@ -535,9 +535,10 @@ class TinkerGateway:
                 await asyncio.wait_for(self._body_room.wait_for(
                     lambda: self._body_bytes.get(tenant, 0) + need <= budget), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise _Refused(429, f"your requests in flight already hold {self._body_bytes.get(tenant, 0) / 2**20:.1f} "
-                               f"MiB of bodies, the most one tenant may ({budget / 2**20:g} MiB, 4 x workbench-server "
-                               "--max-message-mb); wait for their replies", "QueueFullError", close=True) from None
+                held = self._body_bytes.get(tenant, 0) / 2**20
+                raise _Refused(429, f"your requests in flight already hold {held:.1f} MiB of bodies, the most "
+                               f"one tenant may ({budget / 2**20:g} MiB, 4 x workbench-server --max-message-mb); "
+                               "wait for their replies", "QueueFullError", close=True) from None
             self._body_bytes[tenant] = self._body_bytes.get(tenant, 0) + need
 
     async def _release(self, tenant: str, need: int) -> None:

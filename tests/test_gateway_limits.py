@@ -113,7 +113,8 @@ def _read_reply(sock: socket.socket, timeout: float):
                 return None, None
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
         while len(rest) < length:
             chunk = sock.recv(65536)
             if not chunk:
