@@ -403,6 +403,7 @@ class TinkerGateway:
             Route("/api/v1/forward_backward", self._forward_backward, methods=post),
             Route("/api/v1/optim_step", self._optim_step, methods=post),
             Route("/api/v1/save_weights", self._save_weights, methods=post),
+            Route("/api/v1/unload_model", self._unload_model, methods=post),
             Route("/api/v1/load_weights", self._load_weights, methods=post),
             Route("/api/v1/save_weights_for_sampler", self._save_for_sampler, methods=post),
             Route("/api/v1/create_sampling_session", self._create_sampling_session, methods=post),
@@ -888,6 +889,18 @@ class TinkerGateway:
                                      lambda: self._submit(tenant, "save_state", args))
         return self._future(tenant, work, lambda r: {"type": "save_weights", "path": to_tinker(r["path"])},
                             resend_key=(tenant, model_id, body.get("seq_id")), model_id=model_id)
+
+    async def _unload_model(self, request: Request) -> Response:
+        """Tinker's UnloadModelRequest: the run's adapter and optimizer state are freed after
+        its queued work; its checkpoints stay."""
+        tenant, body = self._tenant(request), await self._json(request)
+        model_id = body.get("model_id")
+        model = self._model(tenant, model_id)
+        args = {"model_id": model.run_id}
+        work = lambda: self._in_turn(model_id, body.get("seq_id"),  # noqa: E731
+                                     lambda: self._submit(tenant, "unload_model", args))
+        return self._future(tenant, work, lambda r: {"type": "unload_model", "model_id": model_id},
+                            resend_key=(tenant, model_id, body.get("seq_id"), "unload"), model_id=model_id)
 
     async def _load_weights(self, request: Request) -> Response:
         tenant, body = self._tenant(request), await self._json(request)

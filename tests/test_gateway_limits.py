@@ -427,3 +427,22 @@ def test_one_tenant_cannot_hold_more_than_its_body_budget():
         assert gateway._body_bytes == {"a": 4000, "b": 1000}
 
     asyncio.run(scenario())
+
+
+def test_unload_model_frees_a_tenants_model_and_keeps_its_checkpoints(gw):
+    session = _post(gw, "/api/v1/create_session", {})[1]["session_id"]
+    answer = _post(gw, "/api/v1/create_model", {"session_id": session, "model_seq_id": 0, "base_model": BASE,
+                                                 "lora_config": {"rank": 4}})[1]
+    model_id = answer["model_id"]
+    _result(gw, answer)
+    saved = _result(gw, _post(gw, "/api/v1/save_weights", {"model_id": model_id, "path": "kept", "seq_id": 1})[1])
+    status, reply, _ = _post(gw, "/api/v1/unload_model", {"model_id": model_id}, key=KEY_B)
+    assert status == 404, reply  # another tenant's model id means nothing
+    unloaded = _result(gw, _post(gw, "/api/v1/unload_model", {"model_id": model_id, "seq_id": 2})[1])
+    assert unloaded == {"type": "unload_model", "model_id": model_id}
+    gone = _result(gw, _post(gw, "/api/v1/save_weights", {"model_id": model_id, "path": "late", "seq_id": 3})[1],
+                   failing=True)
+    assert "not found" in gone["error"]
+    run_id = saved["path"].split("/")[2]
+    checkpoints = _post(gw, f"/api/v1/training_runs/{run_id}/checkpoints", method="GET")[1]["checkpoints"]
+    assert [c["checkpoint_id"] for c in checkpoints] == ["weights/kept"]
