@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-resident-adapters", type=int, default=None,
                         help="most adapters kept on the accelerator; the least recently used "
                         "others wait, state kept, in host memory until used (default: no limit)")
+    parser.add_argument("--max-host-adapters", type=int, default=64,
+                        help="most adapters waiting in host memory (parked: beyond "
+                        "--max-resident-adapters, or of a silent session); the least recently "
+                        "parked spill to files under the store until used (default 64)")
     parser.add_argument("--reply-cache-mb", type=float, default=256.0,
                         help="memory for replies kept so that a resent request id gets its reply "
                         "again instead of a second execution; a reply larger than this is sent "
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_resident_adapters is not None and args.max_resident_adapters < 1:
         raise SystemExit("--max-resident-adapters must be >= 1")
+    if args.max_host_adapters < 0:
+        raise SystemExit("--max-host-adapters must be >= 0")
     if args.reply_cache_mb < 0:
         raise SystemExit("--reply-cache-mb must be >= 0")
 
@@ -257,9 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # Before the engine starts, so a bad key file fails in a second, not after model loading.
     curve_secret = load_curve_secret(args.curve_secret_file, log) if args.curve_secret_file else None
+    store_root = Path(args.store) if args.store else default_store()
+    # Spill files hold parked adapters of this process only: a previous one's are stale.
+    spill_dir = store_root / ".spill"
+    shutil.rmtree(spill_dir, ignore_errors=True)
     try:
         engine = Engine(device=args.device, token_budget=args.token_budget,
-                        max_resident_adapters=args.max_resident_adapters)
+                        max_resident_adapters=args.max_resident_adapters,
+                        max_host_adapters=args.max_host_adapters, spill_dir=str(spill_dir))
     except ValueError as exc:
         raise SystemExit(str(exc))
     for name in filter(None, (m.strip() for m in args.models.split(","))):
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise SystemExit(f"--models: {exc}")
         log(f"loaded {name} on {engine.device}")
-    store = Store(Path(args.store) if args.store else default_store())
+    store = Store(store_root)
     scheduler = Scheduler(queue_limit=args.queue_limit, cycle_tokens=args.cycle_tokens,
                           tenant_quantum=args.tenant_quantum)
     runner = CycleRunner(engine, store, max_runs_per_tenant=args.max_runs_per_tenant)
@@ -312,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_thread = threading.Thread(
         target=run_loop, name="engine",
         args=(scheduler, runner.execute, stop, args.cycle_ms, lambda ev: frontend.publish("cycle", ev)),
+        kwargs={"idle": runner.apply_parking},
     )
     engine_thread.start()
 

@@ -75,7 +75,7 @@ class CycleRunner:
         brings a parked adapter back by itself on its next use."""
         self._to_park.put(adapter_ids)
 
-    def _apply_parking(self) -> None:
+    def apply_parking(self) -> None:
         while True:
             try:
                 adapter_ids = self._to_park.get_nowait()
@@ -88,7 +88,7 @@ class CycleRunner:
     # -------------------------------------------------------------- a cycle
 
     def execute(self, plan: CyclePlan) -> dict:
-        self._apply_parking()
+        self.apply_parking()
         counts: dict[str, int] = {}
         for work in plan.works():
             counts[work.op] = counts.get(work.op, 0) + 1

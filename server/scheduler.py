@@ -223,8 +223,11 @@ def run_loop(
     on_cycle: Optional[Callable[[dict], None]] = None,
     gather_ms: float = 20.0,
     max_gather_ms: float = 200.0,
+    idle: Optional[Callable[[], None]] = None,
 ) -> None:
     """The engine thread: wait for work (or the clock), run a cycle, publish its figures.
+    `idle` runs on this thread whenever a wait ends without work (engine housekeeping, such
+    as parking the adapters of silent sessions, must not wait for the next request).
 
     With cycle_ms 0 a cycle starts as soon as work is queued, except that it waits (up to
     max_gather_ms) while a run's queue ends in a forward_backward that arrived less than
@@ -241,8 +244,12 @@ def run_loop(
             else:
                 next_tick = time.monotonic()
             if not scheduler.wait_for_work(0):
+                if idle is not None:
+                    idle()
                 continue
         elif not scheduler.wait_for_work(0.25):
+            if idle is not None:
+                idle()
             continue
         else:
             deadline = time.monotonic() + max_gather_ms / 1000.0

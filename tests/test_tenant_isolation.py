@@ -5,12 +5,14 @@ non-finite. Each scenario first shows that the leak is real without the guard.""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from engine_helpers import QWEN, adapter_maker, grads, random_datum
-from server.engine.engine import Engine, EngineDatum, EngineInputError, ForwardItem
+from server.engine.engine import AdapterConfig, Engine, EngineDatum, EngineInputError, ForwardItem
 from server.engine.packing import PassSequence, plan_micro_batches
 
 make_adapter = adapter_maker("iso", 7)
@@ -268,3 +270,63 @@ def test_live_runs_per_tenant_are_capped_and_unload_model_frees_one(alice, bob):
         victim.forward([_datum(np.arange(1, 6))], "cross_entropy").result(60)
     resumed = alice.create_training_client_from_state(path)  # room again, and its checkpoints stayed
     assert np.isfinite(resumed.forward([_datum(np.arange(1, 6))], "cross_entropy").result(60).metrics["loss:sum"])
+
+
+# ------------------------------------------------ parked adapters spill to disk
+
+def _train_steps(engine, adapter_id, rng, steps, park_between):
+    losses = []
+    for _ in range(steps):
+        out = engine.forward([ForwardItem(adapter_id, [random_datum(rng, 8)])], backward=True)[0]
+        losses.append(out.metrics["loss:sum"])
+        if park_between:
+            engine.park(adapter_id)  # gradients accumulated but not yet stepped spill too
+        engine.optim_step(adapter_id, {**ADAM, "learning_rate": 1e-3, "weight_decay": 0.1})
+        if park_between:
+            engine.park(adapter_id)
+    return losses
+
+
+def test_parked_adapters_beyond_the_host_limit_spill_to_disk_and_come_back_exactly(tmp_path):
+    plain = Engine(device="cpu", lora_impl="loop")
+    spilling = Engine(device="cpu", lora_impl="loop", max_host_adapters=0, spill_dir=str(tmp_path))
+    for engine in (plain, spilling):
+        engine.create_adapter("run", QWEN, AdapterConfig(rank=4, seed=3))
+    want = _train_steps(plain, "run", np.random.default_rng(0), 3, park_between=False)
+    spilling.park("run")
+    adapter = spilling.adapters["run"]
+    assert all(p.numel() == 0 for p in adapter.parameters())  # its memory is free
+    assert (tmp_path / "run.safetensors").exists() and spilling.spill_count == 1
+    got = _train_steps(spilling, "run", np.random.default_rng(0), 3, park_between=True)
+    assert got == want  # bitwise: the same state came back every time
+    spilling._use(["run"])
+    for a, b in zip(plain.adapters["run"].state_tensors().values(), spilling.adapters["run"].state_tensors().values()):
+        assert torch.equal(a, b)
+    spilling.remove_adapter("run")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_silent_sessions_run_spills_to_disk_and_resumes_exactly(tmp_path):
+    """Parking frees host memory too: with --max-host-adapters 0 a silent session's run is
+    written to the store's spill directory, and its next request reads it back."""
+    from test_server_acceptance import Raw
+
+    served = start_server(tmp_path, "--models", QWEN, "--session-timeout", "1", "--max-host-adapters", "0")
+    raw = Raw(served.url, served.api_key)
+    try:
+        run_id = raw.call("create_model", {"base_model": QWEN, "rank": 4, "seed": 0})["result"]["model_id"]
+        data = [{"tokens": np.arange(1, 9, dtype=np.int32),
+                 "loss_fn_inputs": {"target_tokens": np.arange(2, 10), "weights": np.ones(8, np.float32)}}]
+        first = raw.call("forward", {"model_id": run_id, "data": data, "loss_fn": "cross_entropy"})["result"]
+        spill = tmp_path / "store" / ".spill" / f"{run_id}.safetensors"
+        deadline = time.monotonic() + 20
+        while not spill.exists() and time.monotonic() < deadline:  # silent for 1 s: parked, spilled
+            time.sleep(0.2)
+        assert spill.exists()
+        again = raw.call("forward", {"model_id": run_id, "data": data, "loss_fn": "cross_entropy"})["result"]
+        assert again["metrics"] == first["metrics"]
+        np.testing.assert_array_equal(again["loss_fn_outputs"][0]["logprobs"], first["loss_fn_outputs"][0]["logprobs"])
+        assert not spill.exists()
+    finally:
+        raw.close()
+        served.stop(timeout=30)

@@ -9,6 +9,7 @@ run under torch.distributed.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
@@ -54,6 +55,20 @@ class Adapter:
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in self.pairs.values() for t in (pair.lora_A, pair.lora_B)]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of its state by a stable name: weights `w<i>`, gradients `g<i>`, AdamW
+        state `s<i>.<key>` (i = index in `parameters()`)."""
+        out: dict[str, torch.Tensor] = {}
+        state = self.optimizer.optimizer.state if self.optimizer is not None else {}
+        for i, t in enumerate(self.parameters()):
+            out[f"w{i}"] = t
+            if t.grad is not None:
+                out[f"g{i}"] = t.grad
+            for key, value in state.get(t, {}).items():
+                if torch.is_tensor(value):
+                    out[f"s{i}.{key}"] = value
+        return out
 
     def move_to(self, device: torch.device) -> None:
         """Move weights, gradients and AdamW moments, keeping every tensor's identity.
@@ -107,6 +122,8 @@ class Engine:
         attention: str = "auto",
         row_length: Optional[int] = None,
         max_decode_rows: int = 1024,
+        max_host_adapters: Optional[int] = None,
+        spill_dir: Optional[str] = None,
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
         matmul pair per adapter span) or "auto" (chosen per pass: grouped on CUDA; on a CPU
@@ -127,7 +144,13 @@ class Engine:
 
         `max_decode_rows`: sampling decodes at most this many rows (samples) at once; a
         single request with more samples is decoded alone.
+
+        `max_host_adapters`: beyond this many adapters parked on the offload device, the
+        least recently parked ones spill to files in `spill_dir` (weights, gradients, AdamW
+        state; safetensors) and free their memory until next used. None = no limit.
         """
+        if max_host_adapters is not None and (max_host_adapters < 0 or spill_dir is None):
+            raise ValueError("max_host_adapters needs a spill_dir and must be >= 0")
         if max_resident_adapters is not None and max_resident_adapters < 1:
             raise ValueError(f"max_resident_adapters must be >= 1 or None, got {max_resident_adapters}")
         self.device = resolve_device(device)
@@ -137,6 +160,11 @@ class Engine:
         self.attention = resolve_attention(attention, self.device)
         self.row_length = row_length
         self.max_decode_rows = max_decode_rows
+        self.max_host_adapters = max_host_adapters
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._parked: OrderedDict[str, None] = OrderedDict()  # on the offload device, oldest first
+        self._spilled: dict[str, Path] = {}  # adapter id -> the file holding its state
+        self.spill_count = 0  # adapters written to spill files
         self.bases: dict[str, BaseModel] = {}
         self.adapters: dict[str, Adapter] = {}
         self._next_slot = 0
@@ -212,6 +240,10 @@ class Engine:
         adapter = self.adapters.pop(adapter_id)
         self._slot_owner.pop(adapter.slot, None)
         self._lru.pop(adapter_id, None)
+        self._parked.pop(adapter_id, None)
+        spilled = self._spilled.pop(adapter_id, None)
+        if spilled is not None:
+            spilled.unlink(missing_ok=True)
         for name in adapter.pairs:
             self.bases[adapter.base].lora_layers[name].remove_adapter(adapter.slot)
 
@@ -227,14 +259,52 @@ class Engine:
         if adapter_id in self._lru:  # resident: the LRU order holds exactly the resident ones
             adapter.move_to(self.offload_device)
             del self._lru[adapter_id]
+            self._parked[adapter_id] = None
             self.offload_count += 1
+            self._enforce_host_limit()
+
+    def _enforce_host_limit(self) -> None:
+        while self.max_host_adapters is not None and len(self._parked) > self.max_host_adapters:
+            self._spill(next(iter(self._parked)))  # the least recently parked
+
+    def _spill(self, adapter_id: str) -> None:
+        """Write a parked adapter's whole state to its spill file, then free its memory (every
+        tensor keeps its identity, emptied, so nothing has to be re-registered)."""
+        from safetensors.torch import save_file
+
+        tensors = self.adapters[adapter_id].state_tensors()
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"{adapter_id}.safetensors"
+        partial = path.with_name(f".{path.name}.tmp")
+        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(partial))
+        os.replace(partial, path)
+        for t in tensors.values():
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        del self._parked[adapter_id]
+        self._spilled[adapter_id] = path
+        self.spill_count += 1
+
+    def _unspill(self, adapter_id: str) -> None:
+        """Read a spilled adapter's state back, onto the compute device (AdamW's `step`
+        counters stay on the host, as torch keeps them)."""
+        from safetensors.torch import load_file
+
+        path = self._spilled.pop(adapter_id)
+        saved = load_file(str(path))
+        for name, t in self.adapters[adapter_id].state_tensors().items():
+            t.data = saved[name].to("cpu" if name.endswith(".step") else self.device)
+        path.unlink(missing_ok=True)
 
     def _use(self, adapter_ids) -> None:
         """Bring the adapters a pass needs onto the device, then evict beyond the limit."""
         needed = [a for a in dict.fromkeys(adapter_ids) if a is not None]
         for adapter_id in needed:
-            if adapter_id not in self._lru:  # parked: bring it back
-                self.adapters[adapter_id].move_to(self.device)
+            if adapter_id not in self._lru:  # parked or spilled: bring it back
+                if adapter_id in self._spilled:
+                    self._unspill(adapter_id)
+                else:
+                    self.adapters[adapter_id].move_to(self.device)
+                    self._parked.pop(adapter_id, None)
                 self.restore_count += 1
             self._lru[adapter_id] = None
             self._lru.move_to_end(adapter_id)
@@ -690,10 +760,13 @@ class Engine:
         adapter.adapter_id = new_id
         self.adapters[new_id] = adapter
         self._slot_owner[adapter.slot] = new_id
-        if adapter_id in self._lru:
-            order = [new_id if key == adapter_id else key for key in self._lru]
-            self._lru.clear()
-            self._lru.update((key, None) for key in order)
+        for order in (self._lru, self._parked):
+            if adapter_id in order:
+                keys = [new_id if key == adapter_id else key for key in order]
+                order.clear()
+                order.update((key, None) for key in keys)
+        if adapter_id in self._spilled:
+            self._spilled[new_id] = self._spilled.pop(adapter_id)
         return adapter
 
     def replace_adapter(self, adapter_id: str, tensors: Mapping[str, torch.Tensor],
