@@ -61,33 +61,8 @@ def datum(types, tokens):
                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
 
 
-class Raw:
-    """A bare DEALER, for what the SDK refuses to send (malformed arrays, wrong keys)."""
-
-    def __init__(self, url: str, key: str):
-        import zmq
-
-        self.key, self.sock = key, zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(url)
-
-    def call(self, op: str, args: dict, timeout: float = 60.0) -> dict:
-        from workbench import wire
-
-        request_id = uuid.uuid4().hex
-        self.sock.send_multipart(wire.encode(wire.request(request_id, op, self.key, args)))
-        while self.sock.poll(int(timeout * 1000)):
-            reply = wire.decode(self.sock.recv_multipart())
-            if reply.get("id") == request_id:
-                return reply
-        return {"ok": False, "error": {"type": "Timeout"}}
-
-    def close(self) -> None:
-        self.sock.close(0)
-
-
 def abuse(kind: str, url: str, stop: threading.Event, model: str, seq_len: int) -> None:
-    """Run one abuse until `stop` is set."""
+    """Run one abuse until `stop` is set (the abuser's key is "abuser")."""
     import workbench as wb
     from workbench import types
 
@@ -110,13 +85,18 @@ def abuse(kind: str, url: str, stop: threading.Event, model: str, seq_len: int) 
             while len(pending) < 200:
                 pending.append(run.forward_backward([datum(types, rng.integers(0, 1000, seq_len))], "cross_entropy"))
             pending.pop(0).result()
-    elif kind == "malformed":  # a 2-D tokens array the SDK would never send
-        raw = Raw(url, "abuser")
+    elif kind == "malformed":  # a 2-D tokens array the SDK's clients would never send
+        from workbench.connection import connection_for
+
         bad = [{"tokens": np.arange(10, dtype=np.int32).reshape(2, 5),
                 "loss_fn_inputs": {"target_tokens": np.arange(2), "weights": np.ones(2, np.float32)}}]
+        wire_level = connection_for(url, "abuser")
         while not stop.is_set():
-            raw.call("forward_backward", {"model_id": run.model_id, "data": bad, "loss_fn": "cross_entropy"})
-        raw.close()
+            try:
+                wire_level.call("forward_backward", {"model_id": run.model_id, "data": bad,
+                                                     "loss_fn": "cross_entropy"}).result()
+            except Exception:
+                pass  # refused at the border
     elif kind in ("huge_samples", "million_samples"):
         sampler = service.create_sampling_client(base_model=model)
         n = 1_000_000 if kind == "million_samples" else 256  # the server's --max-samples default
@@ -125,11 +105,12 @@ def abuse(kind: str, url: str, stop: threading.Event, model: str, seq_len: int) 
                 sampler.sample(types.ModelInput.from_ints([1, 2, 3]), n, types.SamplingParams(max_tokens=32)).result()
             except Exception:
                 pass  # refused at the border
-    elif kind == "wrong_keys":
-        raw = Raw(url, "not-a-key-" + uuid.uuid4().hex)
+    elif kind == "wrong_keys":  # a key guesser: every guess a fresh connection
         while not stop.is_set():
-            raw.call("ping", {}, timeout=10.0)
-        raw.close()
+            try:
+                wb.ServiceClient(base_url=url, api_key="not-a-key-" + uuid.uuid4().hex)
+            except Exception:
+                pass
     service.close()
 
 

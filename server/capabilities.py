@@ -51,15 +51,16 @@ def _model_card(name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .engine.models import model_source
+    from .engine.models import gguf_file, model_config_source
 
-    source, kwargs = model_source(name)
+    # A GGUF model's config without converting it (read from the file once, then cached).
+    source, kwargs = model_config_source(name)
     config = AutoConfig.from_pretrained(source, **kwargs)
     with torch.device("meta"):  # shapes only: no memory, no weights read
         model = AutoModelForCausalLM.from_config(config)
     tokenizer_class = None
     tokenizer_config = Path(source) / "tokenizer_config.json"
-    if tokenizer_config.exists():
+    if tokenizer_config.exists() and gguf_file(name) is None:  # a GGUF's tokenizer: its own name
         tokenizer_class = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
     return {
         "parameters": sum(p.numel() for p in model.parameters()),

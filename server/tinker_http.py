@@ -1135,8 +1135,9 @@ def _prompt_tokens(prompt: Any) -> list[int]:
 
 def tokenizer_id(name: str) -> str:
     """What get_info reports as model_data.tokenizer_id: a local directory the client's
-    AutoTokenizer can load offline (built-in tiny models, local model directories), else
-    the hub id itself (then the client needs it in its own cache)."""
+    AutoTokenizer can load offline (built-in tiny models, local model directories, a GGUF
+    model's converted directory, e.g. smollm2-135m's), else the hub id itself (then the
+    client needs it in its own cache)."""
     from .engine.models import model_source
 
     return model_source(name)[0]

@@ -6,6 +6,7 @@ server, so the tests exercise the real CLI, ready line and shutdown.
 
 from __future__ import annotations
 
+import json
 import os
 
 # The suite runs several torch processes at once (pytest itself, servers, notebook kernels)
@@ -22,6 +23,56 @@ from workbench.local import LocalServer
 def start_server(tmp_path, *extra: str, api_key: str = "test-key", timeout: float = 120) -> LocalServer:
     return LocalServer(device="cpu", startup_timeout=timeout, store=str(tmp_path / "store"),
                        api_key=api_key, extra_args=extra)
+
+
+def start_tenants_server(tmp_path, keys: dict[str, str], *extra: str) -> LocalServer:
+    """A server for several tenants: `keys` (API key -> tenant) as its --api-keys file. The
+    first key is also the server's own key, so its tenant is named "default"."""
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(keys))
+    running = start_server(tmp_path, "--models", "tiny-qwen3", "--api-keys", str(keys_file), *extra,
+                           api_key=next(iter(keys)))
+    running.store_root = tmp_path / "store"
+    return running
+
+
+def text_datum(tokenizer, text: str):
+    """A cross-entropy Datum training on every next token of `text`."""
+    import numpy as np
+
+    from workbench import types
+
+    ids = tokenizer.encode(text)
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1)})
+
+
+class RawClient:
+    """A bare DEALER speaking the wire protocol, for what the SDK would refuse to send."""
+
+    def __init__(self, url: str, key: str):
+        import zmq
+
+        self.key = key
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(url)
+
+    def call(self, op: str, args: dict, timeout: float = 30.0) -> dict:
+        import uuid
+
+        from workbench import wire
+
+        request_id = uuid.uuid4().hex
+        self.sock.send_multipart(wire.encode(wire.request(request_id, op, self.key, args)))
+        while self.sock.poll(int(timeout * 1000)):
+            reply = wire.decode(self.sock.recv_multipart())
+            if reply.get("id") == request_id:
+                return reply
+        raise AssertionError(f"no reply to {op} within {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close(0)
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,18 @@ requests), a 1 MiB message limit and a 2 s session timeout."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 
 import numpy as np
 import pytest
-import zmq
 from safetensors.numpy import load_file
 
 import workbench as wb
 from workbench import types, wire
 
-from conftest import start_server
+from conftest import RawClient, start_tenants_server, text_datum
 
 KEYS = {"key-a": "alice", "key-b": "bob"}
 SESSION_TIMEOUT = 2.0
@@ -25,15 +23,9 @@ SESSION_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("acceptance")
-    keys_file = tmp / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    running = start_server(
-        tmp, "--models", "tiny-qwen3", "--api-keys", str(keys_file), "--cycle-tokens", "64",
-        "--queue-limit", "2000", "--max-message-mb", "1", "--session-timeout", str(SESSION_TIMEOUT),
-        api_key="key-a",
-    )
-    running.store_root = tmp / "store"
+    running = start_tenants_server(
+        tmp_path_factory.mktemp("acceptance"), KEYS, "--cycle-tokens", "64", "--queue-limit", "2000",
+        "--max-message-mb", "1", "--session-timeout", str(SESSION_TIMEOUT))
     yield running
     running.stop(timeout=30)
 
@@ -53,32 +45,8 @@ def tokenizer(alice):
     return alice.create_sampling_client(base_model="tiny-qwen3").get_tokenizer()
 
 
-def datum(tokenizer, text: str) -> types.Datum:
-    ids = tokenizer.encode(text)
-    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                       loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1)})
-
-
-class Raw:
-    """A bare DEALER speaking the wire protocol, for what the SDK would refuse to send."""
-
-    def __init__(self, url: str, key: str):
-        self.key = key
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(url)
-
-    def call(self, op: str, args: dict, timeout: float = 30.0) -> dict:
-        request_id = uuid.uuid4().hex
-        self.sock.send_multipart(wire.encode(wire.request(request_id, op, self.key, args)))
-        while self.sock.poll(int(timeout * 1000)):
-            reply = wire.decode(self.sock.recv_multipart())
-            if reply.get("id") == request_id:
-                return reply
-        raise AssertionError(f"no reply to {op} within {timeout} s")
-
-    def close(self) -> None:
-        self.sock.close(0)
+datum = text_datum
+Raw = RawClient
 
 
 class Events:

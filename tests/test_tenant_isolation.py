@@ -158,11 +158,10 @@ def test_a_step_that_would_make_an_adapter_non_finite_is_refused_and_changes_not
 
 # ------------------------------------------------------- the same, through a real server
 
-import json  # noqa: E402
 import threading  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from conftest import start_server  # noqa: E402
+from conftest import RawClient, start_server, start_tenants_server  # noqa: E402
 from workbench import types  # noqa: E402
 from workbench.errors import InvalidRequestError, NotFoundError  # noqa: E402
 
@@ -171,11 +170,9 @@ KEYS = {"key-a": "alice", "key-b": "bob"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("isolation")
-    (tmp / "keys.json").write_text(json.dumps(KEYS))
     # A fixed 400 ms clock: requests submitted together share a cycle, hence packed passes.
-    running = start_server(tmp, "--models", QWEN, "--api-keys", str(tmp / "keys.json"), "--cycle-ms", "400",
-                           "--max-runs-per-tenant", "3", "--max-samples", "64", api_key="key-a")
+    running = start_tenants_server(tmp_path_factory.mktemp("isolation"), KEYS, "--cycle-ms", "400",
+                                   "--max-runs-per-tenant", "3", "--max-samples", "64")
     yield running
     running.stop(timeout=30)
 
@@ -223,11 +220,9 @@ def test_a_diverged_tenant_leaves_its_co_packed_neighbour_exact(alice, bob):
 
 
 def test_a_malformed_request_fails_alone_in_its_cycle(alice, bob):
-    from test_server_acceptance import Raw
-
     b = bob.create_lora_training_client(base_model=QWEN, rank=4, seed=2)
     a_run = alice.create_lora_training_client(base_model=QWEN, rank=4, seed=3)
-    raw = Raw(alice.base_url, "key-a")
+    raw = RawClient(alice.base_url, "key-a")
     try:
         data = [{"tokens": np.arange(10, dtype=np.int32).reshape(2, 5),
                  "loss_fn_inputs": {"target_tokens": np.arange(2), "weights": np.ones(2, np.float32)}}]
@@ -309,10 +304,8 @@ def test_parked_adapters_beyond_the_host_limit_spill_to_disk_and_come_back_exact
 def test_a_silent_sessions_run_spills_to_disk_and_resumes_exactly(tmp_path):
     """Parking frees host memory too: with --max-host-adapters 0 a silent session's run is
     written to the store's spill directory, and its next request reads it back."""
-    from test_server_acceptance import Raw
-
     served = start_server(tmp_path, "--models", QWEN, "--session-timeout", "1", "--max-host-adapters", "0")
-    raw = Raw(served.url, served.api_key)
+    raw = RawClient(served.url, served.api_key)
     try:
         run_id = raw.call("create_model", {"base_model": QWEN, "rank": 4, "seed": 0})["result"]["model_id"]
         data = [{"tokens": np.arange(1, 9, dtype=np.int32),

@@ -15,8 +15,6 @@ One real server process with two tenants (--api-keys), the tiny model, a fixed 2
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
 
@@ -28,7 +26,7 @@ import zmq
 import workbench as wb
 from workbench import types, wire
 
-from conftest import start_server
+from conftest import start_tenants_server, text_datum
 
 KEYS = {"key-alpha": "tenant-alpha", "key-bravo": "tenant-bravo"}
 PUBLIC_FIELDS = {"v", "topic", "cycle", "start", "seconds", "tenants", "runs", "requests", "tokens", "queue_depth"}
@@ -36,11 +34,8 @@ PUBLIC_FIELDS = {"v", "topic", "cycle", "start", "seconds", "tenants", "runs", "
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("privacy")
-    keys_file = tmp / "keys.json"
-    keys_file.write_text(json.dumps(KEYS))
-    running = start_server(tmp, "--models", "tiny-qwen3", "--api-keys", str(keys_file),
-                           "--cycle-ms", "250", "--reply-cache-mb", str(64 / 1024), api_key="key-alpha")
+    running = start_tenants_server(tmp_path_factory.mktemp("privacy"), KEYS, "--cycle-ms", "250",
+                                   "--reply-cache-mb", str(64 / 1024))
     yield running
     running.stop(timeout=30)
 
@@ -60,10 +55,7 @@ def tokenizer(alpha):
     return alpha.create_sampling_client(base_model="tiny-qwen3").get_tokenizer()
 
 
-def datum(tokenizer, text: str) -> types.Datum:
-    ids = tokenizer.encode(text)
-    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                       loss_fn_inputs={"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1)})
+datum = text_datum
 
 
 class Collector:

@@ -190,6 +190,8 @@ def converted_gguf_dir(path: Path) -> Path:
     with _convert_lock, _file_lock(final.parent / f".{final.name}.lock"):
         if (final / "config.json").is_file():  # converted while we waited
             return final
+        for stale in final.parent.glob(f".{final.name}-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             _convert_gguf(path, tmp)
@@ -222,13 +224,14 @@ class _file_lock:
 
 
 def _convert_gguf(path: Path, out: Path) -> None:
+    import transformers
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file_name = str(path.parent), path.name
     bar = tqdm(total=5, desc=f"converting {file_name} (once)", unit="step", file=sys.stderr,
-               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]", dynamic_ncols=True)
-    with bar:
+               bar_format="{desc}: {n_fmt}/{total_fmt} {postfix} [{elapsed}]")
+    with bar, _one_progress_bar(bar):
         bar.set_postfix_str("tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
         bar.update()
@@ -242,7 +245,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
         settings = quantized.config.to_dict()
         settings.pop("quantization_config", None)
         config = type(quantized.config).from_dict(settings)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with _no_init_weights():  # every weight is loaded next: random init is wasted time
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.tie_weights()
         model.load_state_dict(quantized.state_dict(), strict=True)
         model.generation_config = quantized.generation_config
         model.eval()
@@ -257,13 +262,66 @@ def _convert_gguf(path: Path, out: Path) -> None:
         bar.set_postfix_str("saving")
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        import transformers
-
         (out / "gguf_source.json").write_text(json.dumps({
             "file": str(path), "sha256": file_sha256(path), "transformers": transformers.__version__,
         }, indent=1))
+        bar.set_postfix_str("saved")
         bar.update()
-        bar.set_postfix_str(f"done: {out}")
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - another transformers layout: init, then overwrite
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+class _one_progress_bar:
+    """While converting, transformers' own bars (GGUF dequantization, weight loading and
+    writing) are silenced; the dequantization's count shows in `bar` instead."""
+
+    def __init__(self, bar):
+        self.bar, self.restore = bar, []
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self.restore.append(hf_logging.enable_progress_bar)
+        try:
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:  # pragma: no cover
+            return self
+        original = getattr(gguf_utils, "tqdm", None)
+        if original is None:  # pragma: no cover
+            return self
+        bar = self.bar
+
+        def counted(iterable=None, *args, **kwargs):
+            kwargs["disable"] = True
+            if iterable is not None and hasattr(iterable, "__len__"):
+                iterable = _counting(iterable, bar)
+            return original(iterable, *args, **kwargs)
+
+        gguf_utils.tqdm = counted
+        self.restore.append(lambda: setattr(gguf_utils, "tqdm", original))
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self.restore):
+            undo()
+
+
+def _counting(items, bar):
+    total = len(items)
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % 16 == 0 or i == total:
+            bar.set_postfix_str(f"dequantizing weights {i}/{total}")
 
 
 def model_config_source(name: str) -> tuple[str, dict]:
@@ -297,8 +355,8 @@ def model_config_source(name: str) -> tuple[str, dict]:
 def _unknown_model_error(name: str) -> ValueError:
     listed = ", ".join(available_models())
     return ValueError(
-        f"unknown base model {name!r}: not a built-in tiny model, not a local model "
-        f"directory and not in the local Hugging Face cache. Available: {listed}"
+        f"unknown base model {name!r}: not a built-in model, not a .gguf file, not a local "
+        f"model directory and not in the local Hugging Face cache. Available: {listed}"
     )
 
 
