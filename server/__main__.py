@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most engine tokens one request may cost: a forward_backward's tokens, "
                         "a sample's prompt + max_tokens * num_samples (default 1048576)")
     parser.add_argument("--max-runs-per-tenant", type=int, default=64,
-                        help="most live adapters (training runs and samplers on a checkpoint) one "
-                        "tenant may hold; unload_model frees one (default 64)")
+                        help="most live training runs one tenant may hold (unload_model frees one; "
+                        "its checkpoints stay), and most checkpoint samplers it keeps loaded (beyond "
+                        "that its least recently used one is read from its checkpoint again when "
+                        "next used) (default 64)")
     parser.add_argument("--max-resident-adapters", type=int, default=None,
                         help="most adapters kept on the accelerator; the least recently used "
                         "others wait, state kept, in host memory until used (default: no limit)")
