@@ -81,3 +81,42 @@ def test_notebook_runs_at_smoke_size(name, kernel_env):
     print(f"\n{name}: {time.monotonic() - started:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def _parameters(nb: dict, smoke: bool) -> dict:
+    """The namespace a notebook's parameters cell leaves, at smoke or at committed default size."""
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    namespace: dict = {}
+    saved = os.environ.pop("WORKBENCH_SMOKE", None)
+    try:
+        if smoke:
+            os.environ["WORKBENCH_SMOKE"] = "1"
+        exec("".join(cell["source"]), namespace)
+    finally:
+        os.environ.pop("WORKBENCH_SMOKE", None)
+        if saved is not None:
+            os.environ["WORKBENCH_SMOKE"] = saved
+    return namespace
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["default", "smoke"])
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_data_sizes_are_ones_its_tasks_can_produce(name, smoke):
+    """Every `tasks.get_task(...).split(...)` a notebook makes is evaluated with its parameters,
+    at the size a user runs (the committed default) as well as at CI's smoke size: a task
+    asked for more distinct problems than it has fails here, not in a user's notebook."""
+    import re
+
+    from workbench import tasks
+
+    nb = json.loads((NOTEBOOKS_DIR / name).read_text())
+    namespace = {**_parameters(nb, smoke), "tasks": tasks}
+    splits = [m.group(1) for c in nb["cells"] if c["cell_type"] == "code"
+              for m in re.finditer(r"=\s*(tasks\.get_task\(.*\)\.split\(.*\))\s*$", "".join(c["source"]), re.M)]
+    assert splits, f"{name}: no task split found"
+    for expression in splits:
+        train, test = eval(expression, namespace)  # noqa: S307 (our own notebook's source)
+        assert train, f"{name}: {expression} gives no training problems"
+        for size in ("BATCH_SIZE", "GROUPS_PER_BATCH", "PAIRS_PER_BATCH"):
+            if size in namespace and "n_train=N_TRAIN" in expression:
+                assert namespace[size] <= len(train), f"{name}: {size} {namespace[size]} > {len(train)} problems"
