@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the engine runs: auto = cuda when available, else cpu")
     parser.add_argument("--models", default="",
-                        help="comma list of base models to load at start (built-in names like "
-                        "tiny-qwen3, local model directories, cached hub ids); others load on first use")
+                        help="comma list of base models to load at start (built-in names: tiny-qwen3, "
+                        "tiny-llama, smollm2-135m; a .gguf file, converted once into a cache; local "
+                        "model directories; cached hub ids); others load on first use")
     parser.add_argument("--cycle-ms", type=int, default=0,
                         help="0: the next cycle starts as soon as the last ended and work is "
                         "queued; N: a fixed clock of N milliseconds")

