@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -117,3 +118,58 @@ def test_task_answers_are_correct():
         recall.split(30, 10)  # 4 keys x 6 templates = 24 questions
     with pytest.raises(ValueError, match="unknown task"):
         tasks.get_task("sorting")
+
+
+def test_capitals_held_out_asks_trained_facts_in_unseen_phrasings():
+    task = tasks.get_task("capitals", n_countries=8)
+    train, held_out = task.split(n_train=32, n_test=32, seed=0)
+    assert len(train) == len(held_out) == 32
+    countries = set(task.table)
+
+    def country(p):
+        (c,) = [c for c in countries if c in p.question]
+        return c
+
+    # Every country is asked 4 times in each split, and answered with its invented capital.
+    for problems in (train, held_out):
+        assert sorted(map(country, problems)) == sorted(sorted(countries) * 4)
+        for p in problems:
+            assert p.answer == f"The capital of {country(p)} is {task.table[country(p)]}."
+            assert p.check(p.answer) and not p.check(f"The capital of {country(p)} is Paris.")
+    # No held-out phrasing occurs in training: held-out questions test paraphrase, not strings.
+    phrasings = lambda problems: {p.question.replace(country(p), "{country}") for p in problems}  # noqa: E731
+    assert phrasings(train) == set(tasks.CAPITALS_TRAIN_TEMPLATES)
+    assert phrasings(held_out) == set(tasks.CAPITALS_HELD_OUT_TEMPLATES)
+    # Invented: neither a country nor a capital is a real one, nor its own capital.
+    real = {name for pair in tasks.REAL_CAPITALS for name in pair}
+    assert all(c != cap and c not in real and cap not in real for c, cap in tasks.CAPITALS)
+    # Deterministic per seed; a smaller split is spread over the countries too.
+    assert task.split(32, 32, seed=0) == (train, held_out)
+    assert task.split(32, 32, seed=1) != (train, held_out)
+    assert len({country(p) for p in task.split(8, 8, seed=2)[1]}) == 8
+    generated = {task.generate(random.Random(i)).question for i in range(300)}
+    assert generated <= {p.question for p in train + held_out} and len(generated) > 48
+    with pytest.raises(ValueError, match="32 training questions"):
+        task.split(33, 0)
+    with pytest.raises(ValueError, match="n_countries"):
+        tasks.get_task("capitals", n_countries=13)
+
+
+def test_capitals_known_split_is_real_countries_checked_by_name():
+    task = tasks.get_task("capitals", n_countries=8)
+    known_train, known_held_out = task.known_split(n_train=16, n_test=8, seed=0)
+    half = len(tasks.REAL_CAPITALS) // 2
+    trained, held = dict(tasks.REAL_CAPITALS[:half]), dict(tasks.REAL_CAPITALS[half:])
+    assert {c for p in known_train for c in trained if c in p.question} == set(trained)
+    assert {c for p in known_held_out for c in held if c in p.question} == set(held)
+    train_phrasings = {t.format(country=c) for t in tasks.CAPITALS_TRAIN_TEMPLATES for c in trained}
+    held_phrasings = {t.format(country=c) for t in tasks.CAPITALS_HELD_OUT_TEMPLATES for c in held}
+    assert {p.question for p in known_train} <= train_phrasings
+    assert {p.question for p in known_held_out} <= held_phrasings
+    germany = tasks.NamedAnswerProblem(question="Which city is Germany's capital?",
+                                       answer="The capital of Germany is Berlin.", name="Berlin")
+    # Named in any words counts (the base model answers in its own words); another city does not.
+    assert germany.check("Germany's capital is berlin, a large city.") and germany.check(germany.answer)
+    assert not germany.check("The capital of Germany is Ostrelle.")
+    assert all(isinstance(p, tasks.NamedAnswerProblem) and p.check(p.answer) for p in known_held_out)
+    assert task.known_split(0, 8, seed=0)[0] == []

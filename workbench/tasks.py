@@ -11,7 +11,9 @@ to learn on a CPU.
 
 Tasks: "arithmetic" (a+b=?), "reverse" (reverse a spaced letter string), "recall" (a fixed
 key -> value table asked through several question templates; a held-out question asks a key
-through a template the training split did not pair it with).
+through a template the training split did not pair it with), "capitals" (the capitals of
+invented countries, which no pretrained model can know; held-out questions ask the same
+facts in phrasings the training split never uses; `known_split` adds real countries).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from typing import Optional
 
 from .renderers.base import Message
 
-__all__ = ["ArithmeticTask", "Problem", "RecallTask", "ReverseTask", "Task", "get_task", "task_names"]
+__all__ = [
+    "ArithmeticTask", "CapitalsTask", "NamedAnswerProblem", "Problem", "RecallTask", "ReverseTask", "Task",
+    "get_task", "task_names",
+]
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,127 @@ class RecallTask(Task):
         return Problem(question=template.format(key=key), answer=self.table[key])
 
 
-_TASKS = {"arithmetic": ArithmeticTask, "reverse": ReverseTask, "recall": RecallTask}
+#: Invented countries and their invented capitals (none is a real place a model could know).
+CAPITALS = (
+    ("Veltoria", "Quorin"), ("Dravenmark", "Ostrelle"), ("Kelvoss", "Marundi"),
+    ("Zembria", "Tolvik"), ("Orinthal", "Pellagard"), ("Skarrow", "Ninveth"),
+    ("Halvania", "Brisko"), ("Quentaro", "Ulmsby"), ("Taravel", "Gorrund"),
+    ("Mistovia", "Calvanth"), ("Brennoc", "Ishtevar"), ("Yulmark", "Dornell"),
+)
+#: Real countries, for `CapitalsTask.known_split`: the first 8 to mix into training, the last 8
+#: (ones SmolLM2-135M-Instruct names correctly in every held-out phrasing) to check retention.
+REAL_CAPITALS = (
+    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Canada", "Ottawa"),
+    ("Russia", "Moscow"), ("Ireland", "Dublin"), ("Iran", "Tehran"), ("Kenya", "Nairobi"),
+    ("Germany", "Berlin"), ("China", "Beijing"), ("Greece", "Athens"), ("Norway", "Oslo"),
+    ("Thailand", "Bangkok"), ("Austria", "Vienna"), ("England", "London"), ("Egypt", "Cairo"),
+)
+CAPITALS_TRAIN_TEMPLATES = (
+    "What is the capital of {country}?",
+    "Which city is the capital of {country}?",
+    "Name the capital city of {country}.",
+    "{country}'s capital is which city?",
+)
+CAPITALS_HELD_OUT_TEMPLATES = (
+    "What city is the capital of {country}?",
+    "Do you know the capital of {country}?",
+    "I am visiting {country}. What is its capital city?",
+    "Which city is {country}'s capital?",
+)
+
+
+@dataclass(frozen=True)
+class NamedAnswerProblem(Problem):
+    """A Problem whose check accepts any response that names `name` (case-insensitive), in
+    whatever words: for facts a model already knows and states its own way."""
+
+    name: str = ""
+
+    def check(self, response: str) -> bool:
+        return self.name.lower() in response.lower()
+
+
+class CapitalsTask(Task):
+    """"What is the capital of Veltoria?" -> "The capital of Veltoria is Quorin."
+
+    The countries and capitals are invented (CAPITALS): a pretrained model cannot know them
+    and makes something up, so learning them is visible. `split` draws the training
+    questions from CAPITALS_TRAIN_TEMPLATES and the held-out ones from
+    CAPITALS_HELD_OUT_TEMPLATES, over the same countries: a held-out question asks a trained
+    fact in words never seen in training (memorising the training strings is not enough).
+    `generate` draws from both template sets.
+
+    `known_split` gives questions about real countries (REAL_CAPITALS), in the same answer
+    format: mixed into training they keep fine-tuning from overwriting what the model knows
+    (trained on invented capitals alone, SmolLM2 soon calls Germany's capital "Ostrelle");
+    the held-out ones, other countries, measure that it still knows them.
+    """
+
+    name = "capitals"
+
+    def __init__(self, n_countries: int = len(CAPITALS),
+                 train_templates: tuple[str, ...] = CAPITALS_TRAIN_TEMPLATES,
+                 held_out_templates: tuple[str, ...] = CAPITALS_HELD_OUT_TEMPLATES):
+        if not 1 <= n_countries <= len(CAPITALS):
+            raise ValueError(f"n_countries must be in 1..{len(CAPITALS)}, got {n_countries}")
+        if not train_templates or not held_out_templates:
+            raise ValueError("need at least one training and one held-out template")
+        if set(train_templates) & set(held_out_templates):
+            raise ValueError("a template is both a training and a held-out template")
+        self.table = dict(CAPITALS[:n_countries])
+        self.train_templates, self.held_out_templates = tuple(train_templates), tuple(held_out_templates)
+
+    @staticmethod
+    def answer(country: str, capital: str) -> str:
+        return f"The capital of {country} is {capital}."
+
+    def generate(self, rng: random.Random) -> Problem:
+        country = rng.choice(sorted(self.table))
+        template = rng.choice(self.train_templates + self.held_out_templates)
+        return Problem(question=template.format(country=country), answer=self.answer(country, self.table[country]))
+
+    def split(self, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+        """`n_train` training-phrasing and `n_test` held-out-phrasing questions about the
+        invented countries, spread evenly over the countries (seeded order and phrasings).
+
+        Raises ValueError when asked for more than n_countries x len(templates) of either.
+        """
+        rng = random.Random(f"{self.name}:{seed}")
+        return (self._draw(self.table, self.train_templates, n_train, rng, "training"),
+                self._draw(self.table, self.held_out_templates, n_test, rng, "held-out"))
+
+    def known_split(self, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+        """Questions about real countries: `n_train` in training phrasings about the first 8
+        of REAL_CAPITALS, `n_test` in held-out phrasings about the other 8. Each is a
+        NamedAnswerProblem: correct when the response names the capital, however phrased."""
+        rng = random.Random(f"{self.name}-known:{seed}")
+        half = len(REAL_CAPITALS) // 2
+        return (self._draw(dict(REAL_CAPITALS[:half]), self.train_templates, n_train, rng, "known training"),
+                self._draw(dict(REAL_CAPITALS[half:]), self.held_out_templates, n_test, rng, "known held-out", True))
+
+    def _draw(self, table: dict[str, str], templates: tuple[str, ...], n: int, rng: random.Random,
+              which: str, named: bool = False) -> list[Problem]:
+        """n (country, template) questions, round-robin over the countries in a random order,
+        each country taking its templates in its own random order: evenly spread."""
+        if n < 0:
+            raise ValueError(f"n_train and n_test must be >= 0, got {n}")
+        if n > len(table) * len(templates):
+            raise ValueError(f"task {self.name!r} has {len(table) * len(templates)} {which} questions "
+                             f"({len(table)} countries x {len(templates)} phrasings); asked for {n}")
+        countries = list(table)
+        rng.shuffle(countries)
+        orders = {c: rng.sample(templates, len(templates)) for c in countries}
+        problems: list[Problem] = []
+        for i in range(n):
+            country = countries[i % len(countries)]
+            template = orders[country][i // len(countries)]
+            question, answer = template.format(country=country), self.answer(country, table[country])
+            problems.append(NamedAnswerProblem(question=question, answer=answer, name=table[country]) if named
+                            else Problem(question=question, answer=answer))
+        return problems
+
+
+_TASKS = {"arithmetic": ArithmeticTask, "capitals": CapitalsTask, "reverse": ReverseTask, "recall": RecallTask}
 
 
 def task_names() -> list[str]:
