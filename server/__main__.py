@@ -265,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.wire import READY_PREFIX
 
     log = lambda msg: print(f"[workbench-server] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # transformers' per-file "Loading weights" bars would fill a notebook cell with red stderr
+    # at every model load; the server says what it loads in one line instead.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     # Before the engine starts, so a bad key file fails in a second, not after model loading.
     curve_secret = load_curve_secret(args.curve_secret_file, log) if args.curve_secret_file else None
     store_root = Path(args.store) if args.store else default_store()

@@ -16,6 +16,7 @@ again on every request it is given, after what only the engine knows (adapter sl
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -174,6 +175,7 @@ def generate(
 
     alive = list(range(n_rows))  # the original row of each row in the decode batch, in order
     routing = LoRARouting(base.lora_layers, spans_for_rows(row_slots), per_row=True)
+    cache_arg = _cache_argument(base.model)
     cache = None
     sampling: Optional[RowSampling] = None  # for the rows in `alive`
     step_ids = input_ids
@@ -184,11 +186,11 @@ def generate(
                 input_ids=step_ids,
                 attention_mask=attention,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_arg: cache},
             )
-        cache = out.past_key_values
+        cache = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()  # [alive, V]
         if sampling is None:
             sampling = RowSampling.of([rows[i] for i in alive], requests, logits.shape[-1], device)
@@ -224,6 +226,13 @@ def generate(
     for i, (r, s) in enumerate(rows):
         results[r][s] = SampleOutput(out_tokens[i], out_logprobs[i], stop_reason[i] or "length")
     return results
+
+
+def _cache_argument(model) -> str:
+    """The KV cache's name in the model's forward and output: `cache` since transformers
+    5.2x deprecated `past_key_values` (which still works there, with a warning per call;
+    older 5.x releases, such as the GPU machine's, know only `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass
