@@ -7,17 +7,55 @@ version, device and GPU name, dtype) so figures are never quoted without their h
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import importlib.util
 import json
 import os
 import socket
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+# Set (to 1) to run as on a machine without pyzmq even where it is installed: gpu_check.py
+# sets it for every step, so the CPU run (--tiny) takes the GPU machine's import path.
+HIDE_ZMQ_ENV = "WORKBENCH_BENCH_HIDE_ZMQ"
+
+
+class _AbsentZmq(types.ModuleType):
+    """Stands in for pyzmq where it is not installed (the GPU machine has none).
+
+    The engine imports `workbench.losses` and `workbench.errors`, and importing any module of
+    the `workbench` package runs its `__init__`, which imports the SDK clients and with them
+    `workbench.connection` (`import zmq` at its top). The benchmarks never open a socket;
+    with this stand-in those imports succeed and any actual use of ZeroMQ fails loudly.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ModuleNotFoundError(f"zmq.{name}: pyzmq is not installed (a benchmark stand-in holds its place)")
+
+
+def allow_missing_zmq() -> bool:
+    """Put `_AbsentZmq` in place of pyzmq when it is not installed (or hidden by
+    $WORKBENCH_BENCH_HIDE_ZMQ); True when it did."""
+    if "zmq" in sys.modules:
+        return isinstance(sys.modules["zmq"], _AbsentZmq)
+    if os.environ.get(HIDE_ZMQ_ENV) != "1" and importlib.util.find_spec("zmq") is not None:
+        return False
+    stand_in = _AbsentZmq("zmq")
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("zmq", None)
+    sys.modules["zmq"] = stand_in
+    return True
+
+
+ZMQ_STAND_IN = allow_missing_zmq()
 
 # Public Qwen3 configs (hf.co/Qwen/Qwen3-0.6B, Qwen3-1.7B config.json); random init, no download.
 QWEN3_SHAPES = {
@@ -60,10 +98,21 @@ def machine(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "peft": package_version("peft"),
         "device": str(device),
         "gpu": gpu,
         "dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -149,3 +198,44 @@ def peft_with_adapters(model, names: list[str], rank: int):
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+GB = 1024 ** 3
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA only; a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """GiB of device memory allocated at the peak since `reset_peak`; None off CUDA (the
+    figure is torch's caching allocator's, what a PyTorch process can plan around)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / GB, 3)
+
+
+def allocated_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.memory_allocated(device) / GB, 3)
+
+
+def peak_of(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak GiB allocated during one more run of `fn` (everything resident included)."""
+    reset_peak(device)
+    fn()
+    return peak_gb(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return cached blocks after a configuration is dropped, so the next one's peak is its own."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

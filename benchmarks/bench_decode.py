@@ -2,7 +2,9 @@
 
 P prompts spread round-robin over A adapters, greedy, exactly N new tokens each (no stop
 tokens). Figures: our tokens/s, HF `generate(adapter_names=...)` tokens/s on a PeftModel with
-the same adapters, and our tokens/s on the base model alone (multi-LoRA overhead).
+the same adapters, our tokens/s on the base model alone (multi-LoRA overhead), HF `generate`
+on the base model alone (adapters disabled; `--no-hf-base` skips it), and on CUDA the peak
+memory of each.
 
     python benchmarks/bench_decode.py --device cpu
     python benchmarks/bench_decode.py --device cuda --model qwen3-0.6b --prompts 64 --new-tokens 128
@@ -13,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from _machine import arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine, peft_with_adapters, timed
+from _machine import (allocated_gb, arg_parser, build_model, device_and_dtype, emit, engine_with_model, machine,
+                      peak_gb, peft_with_adapters, reset_peak, timed)
 
 
 def main() -> None:
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-hf-base", action="store_true", help="skip HF generate on the base model alone")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
     n_prompts = args.prompts or (64 if device.type == "cuda" else 16)
@@ -49,7 +53,9 @@ def main() -> None:
                               temperature=0.0) for i, p in enumerate(prompts)]
         return lambda: engine.sample(args.model, reqs)
 
+    reset_peak(device)  # every timed run does the same work: the window's peak is one run's
     ours_s = timed(ours(True), device, args.repeats)
+    ours_peak = peak_gb(device)
     base_s = timed(ours(False), device, args.repeats)
 
     model, _ = build_model(args.model, device, dtype)
@@ -69,13 +75,26 @@ def main() -> None:
             pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                         pad_token_id=0)
+    reset_peak(device)
     hf_s = timed(hf, device, args.repeats)
+    hf_peak = peak_gb(device)
+    hf_base_s = None
+    if not args.no_hf_base:
+        def hf_base():
+            with torch.no_grad(), pm.disable_adapter():
+                pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        hf_base_s = timed(hf_base, device, args.repeats)
     total = n_prompts * new_tokens
     emit({
         "bench": "decode", "model": args.model, "prompts": n_prompts, "new_tokens": new_tokens,
-        "adapters": args.adapters, "ours_tokens_per_s": round(total / ours_s, 1),
+        "adapters": args.adapters, "rank": args.rank, "ours_tokens_per_s": round(total / ours_s, 1),
         "hf_peft_tokens_per_s": round(total / hf_s, 1), "base_only_tokens_per_s": round(total / base_s, 1),
+        "hf_base_tokens_per_s": None if hf_base_s is None else round(total / hf_base_s, 1),
         "speedup_vs_hf_peft": round(hf_s / ours_s, 3), "multi_lora_overhead": round(ours_s / base_s - 1, 4),
+        "speedup_vs_hf_base": None if hf_base_s is None else round(hf_base_s / ours_s, 3),
+        # peaks count what is resident: our model alone for ours, both models for HF's
+        "resident_gb": allocated_gb(device), "ours_peak_gb": ours_peak, "hf_peft_peak_gb": hf_peak,
         "lora_impl": engine.lora_impl, "machine": machine(device, dtype),
     })
 

@@ -10,7 +10,8 @@ bf16 peak (benchmarks/_machine.py); CPUs report MFU as null.
 
 from __future__ import annotations
 
-from _machine import arg_parser, device_and_dtype, emit, engine_with_model, machine, peak_flops, timed
+from _machine import (allocated_gb, arg_parser, device_and_dtype, emit, engine_with_model, machine, peak_flops,
+                      peak_gb, reset_peak, timed)
 from bench_multitenant import engine_step_fn, make_data
 
 
@@ -28,14 +29,20 @@ def main() -> None:
     base = engine.bases[args.model]
     params = sum(p.numel() for p in base.model.parameters())
     data = make_data(args.adapters, args.seqs, args.tokens, min(base.vocab_size, 4096))
-    seconds = timed(engine_step_fn(engine, args.model, data, args.rank), device, args.repeats)
+    step = engine_step_fn(engine, args.model, data, args.rank)
+    reset_peak(device)  # every timed step does the same work: the window's peak is one step's
+    seconds = timed(step, device, args.repeats)
+    peak = peak_gb(device)
+    resident = allocated_gb(device)  # the model, the adapters and their AdamW state
     tokens = args.adapters * args.seqs * args.tokens
     tps = tokens / seconds
-    peak = peak_flops(device)
+    flops = peak_flops(device)
     emit({
         "bench": "train_throughput", "model": args.model, "params": params, "adapters": args.adapters,
+        "seqs": args.adapters * args.seqs, "tokens_per_seq": args.tokens, "token_budget": args.token_budget,
         "tokens": tokens, "rank": args.rank, "seconds": round(seconds, 4), "tokens_per_s": round(tps, 1),
-        "flops_per_token": 4 * params, "mfu": None if peak is None else round(4 * params * tps / peak, 4),
+        "flops_per_token": 4 * params, "mfu": None if flops is None else round(4 * params * tps / flops, 4),
+        "resident_gb": resident, "peak_gb": peak,
         "lora_impl": engine.lora_impl, "attention": engine.attention, "machine": machine(device, dtype),
     })
 
