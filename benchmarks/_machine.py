@@ -7,14 +7,13 @@ version, device and GPU name, dtype) so figures are never quoted without their h
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
+import importlib.abc
 import importlib.util
 import json
 import os
 import socket
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,39 +22,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 # Set (to 1) to run as on a machine without pyzmq even where it is installed: gpu_check.py
-# sets it for every step, so the CPU run (--tiny) takes the GPU machine's import path.
+# sets it for every step, so the CPU run (--tiny) takes the GPU machine's import path and
+# fails wherever that machine would (the engine and the benchmarks must not need ZeroMQ).
 HIDE_ZMQ_ENV = "WORKBENCH_BENCH_HIDE_ZMQ"
 
 
-class _AbsentZmq(types.ModuleType):
-    """Stands in for pyzmq where it is not installed (the GPU machine has none).
+class _NoZmq(importlib.abc.MetaPathFinder):
+    """Makes pyzmq unimportable, as it is on the GPU machine."""
 
-    The engine imports `workbench.losses` and `workbench.errors`, and importing any module of
-    the `workbench` package runs its `__init__`, which imports the SDK clients and with them
-    `workbench.connection` (`import zmq` at its top). The benchmarks never open a socket;
-    with this stand-in those imports succeed and any actual use of ZeroMQ fails loudly.
-    """
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise ModuleNotFoundError(f"zmq.{name}: pyzmq is not installed (a benchmark stand-in holds its place)")
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "zmq":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by ${HIDE_ZMQ_ENV}, as on the GPU machine)")
+        return None
 
 
-def allow_missing_zmq() -> bool:
-    """Put `_AbsentZmq` in place of pyzmq when it is not installed (or hidden by
-    $WORKBENCH_BENCH_HIDE_ZMQ); True when it did."""
-    if "zmq" in sys.modules:
-        return isinstance(sys.modules["zmq"], _AbsentZmq)
-    if os.environ.get(HIDE_ZMQ_ENV) != "1" and importlib.util.find_spec("zmq") is not None:
-        return False
-    stand_in = _AbsentZmq("zmq")
-    stand_in.__spec__ = importlib.machinery.ModuleSpec("zmq", None)
-    sys.modules["zmq"] = stand_in
-    return True
+def hide_zmq() -> bool:
+    """Hide pyzmq when $WORKBENCH_BENCH_HIDE_ZMQ is 1; True when it is hidden (or absent)."""
+    if os.environ.get(HIDE_ZMQ_ENV) == "1" and not any(isinstance(f, _NoZmq) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoZmq())
+    return os.environ.get(HIDE_ZMQ_ENV) == "1" or importlib.util.find_spec("zmq") is None
 
 
-ZMQ_STAND_IN = allow_missing_zmq()
+ZMQ_HIDDEN = hide_zmq()
 
 # Public Qwen3 configs (hf.co/Qwen/Qwen3-0.6B, Qwen3-1.7B config.json); random init, no download.
 QWEN3_SHAPES = {

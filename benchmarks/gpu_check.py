@@ -294,7 +294,7 @@ def _figures_of(step: str, recs: list[dict]) -> str:
     if step == "env":
         r = recs[0]
         bad = [c for c, v in r.get("checks", {}).items() if not v.get("ok")]
-        zmq = "pyzmq absent (stand-in)" if not r.get("zmq_installed") else "pyzmq installed (hidden)"
+        zmq = "pyzmq absent" if not r.get("zmq_installed") else "pyzmq installed (hidden)"
         return f"{zmq}; {len(r.get('checks', {})) - len(bad)}/{len(r.get('checks', {}))} API checks ok" + (
             f", missing: {', '.join(bad)}" if bad else "")
     if step == "exactness":
@@ -347,7 +347,7 @@ def step_env(args) -> None:
     import importlib.util
     import inspect
 
-    import _machine  # installs the pyzmq stand-in first
+    import _machine  # hides pyzmq first, as on the GPU machine
 
     import torch
 
@@ -372,7 +372,7 @@ def step_env(args) -> None:
 
         if "workbench.connection" not in sys.modules:
             return True
-        return f"imports workbench.connection ({'pyzmq stand-in' if _machine.ZMQ_STAND_IN else 'real pyzmq'})"
+        return "imports workbench.connection (ZeroMQ), which the GPU machine does not have"
     check("server.engine imports", engine_import)
 
     def tiny_model_calls():
@@ -397,7 +397,7 @@ def step_env(args) -> None:
         "bench": "env", "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": _machine.package_version("transformers"), "peft": _machine.package_version("peft"),
         "python": sys.version.split()[0], "zmq_installed": _zmq_really_installed(),
-        "zmq_stand_in": _machine.ZMQ_STAND_IN, "checks": checks,
+        "zmq_hidden": _machine.ZMQ_HIDDEN, "checks": checks,
         "ok": all(c["ok"] for c in checks.values()), "machine": _machine.machine(device, _machine.default_dtype(device)),
     }
     if device.type == "cuda":
@@ -408,7 +408,7 @@ def step_env(args) -> None:
 
 
 def _zmq_really_installed() -> bool:
-    """Whether pyzmq is on the path, looking past the stand-in in sys.modules."""
+    """Whether pyzmq is on the path, looking past the hiding finder."""
     from importlib.machinery import PathFinder
 
     return PathFinder.find_spec("zmq") is not None
@@ -418,7 +418,7 @@ def _zmq_really_installed() -> bool:
 
 
 def step_exactness(args) -> None:
-    import _machine  # noqa: F401  (pyzmq stand-in, sys.path)
+    import _machine  # noqa: F401  (hides pyzmq, sys.path)
 
     import numpy as np
     import torch
@@ -912,7 +912,7 @@ def cuda_only_tests() -> list[str]:
 
 
 def step_cuda_tests(args) -> None:
-    """The CUDA-only tests under pytest (with the pyzmq stand-in, without tests/conftest.py,
+    """The CUDA-only tests under pytest (with pyzmq hidden, without tests/conftest.py,
     which starts servers and imports the SDK); skipped when pytest is not installed."""
     import importlib.util
 
@@ -924,7 +924,7 @@ def step_cuda_tests(args) -> None:
         print(json.dumps({"bench": "cuda_tests", "status": "skipped", "reason": "pytest is not installed",
                           "tests": ids}), flush=True)
         return
-    import _machine  # noqa: F401  (the pyzmq stand-in)
+    import _machine  # noqa: F401  (hides pyzmq, as on the GPU machine)
 
     import pytest
 

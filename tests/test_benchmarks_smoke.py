@@ -62,7 +62,7 @@ def test_gpu_check_tiny_writes_json_lines_and_a_summary(tmp_path):
         by_step.setdefault(r["step"], []).append(r)
 
     env = next(r for r in by_step["env"] if r["bench"] == "env")
-    assert env["zmq_stand_in"] and all(c["ok"] for c in env["checks"].values()), env["checks"]
+    assert env["zmq_hidden"] and all(c["ok"] for c in env["checks"].values()), env["checks"]
     checks = [r for r in by_step["exactness"] if r["bench"] == "exactness"]
     assert len(checks) == 7 and all(r["ok"] for r in checks), [r for r in checks if not r["ok"]]
     fb = next(r for r in checks if r["check"] == "forward_backward_vs_peft")["measured"]

@@ -164,3 +164,18 @@ def test_kernel_ext_uses_only_the_public_sdk():
                 owner = node.value.id if isinstance(node.value, ast.Name) else None
                 # its own objects and modules only (`magics` is kernel_ext.magics)
                 assert owner in ("self", "cls", "magics"), f"{path}:{node.lineno} reads {ast.unparse(node)}"
+
+
+def test_the_engine_imports_without_zeromq():
+    """The GPU machine has no pyzmq: the engine imports only the SDK's protocol modules,
+    and the package loads its clients (which bring ZeroMQ) on first use."""
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'zmq': raise ImportError('zmq blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import server.engine.engine, server.engine.sampler, server.ops, workbench.types\n"
+            "assert 'workbench.connection' not in sys.modules\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
