@@ -100,6 +100,7 @@ class CycleRunner:
                 continue
             for work in works:
                 self._guarded(work, self.handlers[work.op])
+        self.registry.release_excess_samplers()
         runs = {w.queue for w in plan.works() if w.queue in self.runs}
         return {"runs": len(runs), "requests": counts, "tokens": tokens}
 

@@ -92,10 +92,18 @@ class Runs:
         with _checkpoint_errors(sampler.model_path):
             self.engine.import_adapter(sampler.sampler_id, meta["base_model"], config, tensors, trainable=False)
         self._loaded_samplers[sampler.sampler_id] = None
-        mine = [s for s in self._loaded_samplers if self.samplers.get(s, sampler).tenant == sampler.tenant]
-        for sampler_id in mine[:max(0, len(mine) - self.max_runs_per_tenant)]:  # LRU first
-            self.engine.remove_adapter(sampler_id)
-            del self._loaded_samplers[sampler_id]
+
+    def release_excess_samplers(self) -> None:
+        """Let go of each tenant's least recently used checkpoint samplers beyond the limit
+        (their records stay). Called between cycles: a sampler is never let go while a cycle
+        that uses it runs."""
+        loaded: dict[str, list[str]] = {}
+        for sampler_id in self._loaded_samplers:  # LRU first
+            loaded.setdefault(self.samplers[sampler_id].tenant, []).append(sampler_id)
+        for mine in loaded.values():
+            for sampler_id in mine[:max(0, len(mine) - self.max_runs_per_tenant)]:
+                self.engine.remove_adapter(sampler_id)
+                del self._loaded_samplers[sampler_id]
 
     def load_base(self, name: str):
         try:

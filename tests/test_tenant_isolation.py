@@ -323,3 +323,27 @@ def test_a_silent_sessions_run_spills_to_disk_and_resumes_exactly(tmp_path):
     finally:
         raw.close()
         served.stop(timeout=30)
+
+
+def test_checkpoint_samplers_beyond_the_limit_are_let_go_between_cycles_and_read_again(tmp_path):
+    from server.runs import Runs
+    from server.store import Store
+
+    engine = Engine(device="cpu")
+    runs = Runs(engine, Store(tmp_path / "store"), max_runs_per_tenant=1)
+    run_id = runs.create_model("t", {"base_model": QWEN, "rank": 4, "seed": 0})["model_id"]
+    path = runs.save(runs.runs[run_id], "s", with_optimizer=False)
+    first = runs.create_sampler("t", {"model_path": path})["sampler_id"]
+    second = runs.create_sampler("t", {"model_path": path})["sampler_id"]
+    other = runs.create_sampler("u", {"base_model": QWEN})["sampler_id"]  # no adapter: not counted
+    assert {first, second} <= set(engine.adapters)  # nothing is let go inside a cycle
+    runs.release_excess_samplers()
+    assert first not in engine.adapters and second in engine.adapters  # the least recently used went
+    prompt = np.arange(1, 9)
+    reloaded = runs.sampler(first, "t")  # read from its checkpoint again on use
+    want = engine.prompt_logprobs(QWEN, [(second, prompt)])[0]
+    got = engine.prompt_logprobs(QWEN, [(reloaded.adapter_id, prompt)])[0]
+    assert got == want
+    runs.release_excess_samplers()
+    assert second not in engine.adapters and first in engine.adapters
+    assert runs.sampler(other, "u").adapter_id is None
