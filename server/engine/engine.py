@@ -439,10 +439,11 @@ class Engine:
         targets = torch.from_numpy(np.concatenate([
             np.asarray(items[o.item].data[o.datum].inputs["target_tokens"], np.int64) for o in origins
         ])).to(base.device)
-        shared = isolate and len({o.slot for o in origins}) > 1
+        slots = {o.slot for o in origins}
+        shared = isolate and len(slots) > 1
         # Gradients accumulated so far stay aside while this micro-batch's are computed, so
         # that a non-finite micro-batch can be dropped without touching them.
-        params = [p for slot in {o.slot for o in origins} if slot is not None
+        params = [p for slot in slots if slot is not None
                   for p in self.adapters[self._slot_owner[slot]].parameters()] if shared and backward else []
         kept_grads = [p.grad for p in params]
         for p in params:
@@ -564,6 +565,7 @@ class Engine:
             self._check_sample_request(base, i, req)
         self._use(self._slot_owner[r.slot] for r in requests if r.slot is not None)
         pad = base.tokenizer.pad_token_id
+        pad_id = int(pad) if pad is not None else 0
         # Decode batches of at most max_decode_rows rows (a request's samples stay together:
         # its draws come from its own generator), so the KV cache a cycle holds is bounded
         # however many samples its tenants ask for. Rows never see each other: same results.
@@ -571,10 +573,10 @@ class Engine:
         chunk: list[SampleRequest] = []
         for req in requests:
             if chunk and sum(r.num_samples for r in chunk) + req.num_samples > self.max_decode_rows:
-                outputs += generate(base, chunk, pad_id=int(pad) if pad is not None else 0)
+                outputs += generate(base, chunk, pad_id=pad_id)
                 chunk = []
             chunk.append(req)
-        return outputs + generate(base, chunk, pad_id=int(pad) if pad is not None else 0)
+        return outputs + generate(base, chunk, pad_id=pad_id)
 
     def _check_sample_request(self, base: BaseModel, i: int, req: SampleRequest) -> None:
         """What only the engine knows (which adapter holds the slot), then the one request

@@ -103,11 +103,12 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
         if params and clip > 0 and i not in refused:  # torch.nn.utils.clip_grad_norm_'s coefficient, exactly
             torch._foreach_mul_([p.grad for p in params], torch.clamp(clip / (norms[i] + 1e-6), max=1.0))
     groups: dict[tuple, list[int]] = {}
-    saved: dict[int, list[torch.Tensor]] = {}  # pre-step weights and moments, to undo a step
+    live: dict[int, list[torch.Tensor]] = {}  # each stepped adapter's weights, moments, step counts
+    saved: dict[int, list[torch.Tensor]] = {}  # the same before the step, to undo it
     for i, (opt, adam) in enumerate(batch):
         if with_grads[i] and i not in refused:
-            m1, m2, st = opt._moments(with_grads[i])
-            saved[i] = [t.clone() for t in (*with_grads[i], *m1, *m2, *st)]
+            live[i] = [*with_grads[i], *(t for ts in opt._moments(with_grads[i]) for t in ts)]
+            saved[i] = [t.clone() for t in live[i]]
             key = tuple(float(adam[k]) for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay"))
             groups.setdefault(key, []).append(i)
     with torch.no_grad():
@@ -124,20 +125,21 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
             adam_kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=not fused,
                         fused=fused, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
                         weight_decay=weight_decay, eps=eps, maximize=False)
-        if saved:
-            stepped = list(saved)
-            state = {i: [*with_grads[i], *batch[i][0]._moments(with_grads[i])[0],
-                         *batch[i][0]._moments(with_grads[i])[1]] for i in stepped}
-            finite = torch.stack([  # max |x| of every weight and moment tensor: finite iff it is
-                torch.isfinite(torch.stack(torch._foreach_norm(state[i], float("inf")))).all() for i in stepped
+        if live:
+            # Only the weights can come out non-finite: with finite moments and gradients of
+            # finite norm (refused above otherwise), the new moments are finite too, but the
+            # update (lr * m / (sqrt(v) + eps), weight decay p * (1 - lr * wd)) can overflow.
+            stepped = list(live)
+            finite = torch.stack([  # max |w| of each weight tensor: finite exactly when it is
+                torch.isfinite(torch.stack(torch._foreach_norm(with_grads[i], float("inf")))).all()
+                for i in stepped
             ]).tolist()  # one device sync
             for i, ok in zip(stepped, finite):
                 if not ok:
-                    steps = batch[i][0]._moments(with_grads[i])[2]
-                    for live, before in zip([*state[i], *steps], saved[i]):
-                        live.copy_(before)
-                    refused[i] = ("the step made weights or AdamW moments non-finite (learning rate or "
-                                  "weight decay too large)")
+                    for tensor, before in zip(live[i], saved[i]):
+                        tensor.copy_(before)
+                    refused[i] = ("the step made weights non-finite (learning rate or weight decay "
+                                  "too large)")
     metrics: list[Any] = []
     for i, (opt, _) in enumerate(batch):
         opt.zero_grad()
