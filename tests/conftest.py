@@ -25,6 +25,15 @@ def start_server(tmp_path, *extra: str, api_key: str = "test-key", timeout: floa
                        api_key=api_key, extra_args=extra)
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_tenants_server(tmp_path, keys: dict[str, str], *extra: str) -> LocalServer:
     """A server for several tenants: `keys` (API key -> tenant) as its --api-keys file. The
     first key is also the server's own key, so its tenant is named "default"."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -18,15 +17,10 @@ from workbench.errors import (
     AuthenticationError, ConnectionFailedError, InvalidRequestError, NotFoundError, ProtocolError,
 )
 
-from conftest import start_server
+from conftest import free_port, start_server
 
 BASE = "tiny-qwen3"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_server_names_url_and_how_to_start_one():

@@ -98,16 +98,21 @@ def test_client_never_imports_server():
             assert not bad, f"{path} imports {bad}"
 
 
-def test_client_imports_without_torch():
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] == 'torch': raise ImportError('torch blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import workbench, workbench.types, workbench.wire, kernel_ext\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+def _runs_without(package: str, code: str) -> None:
+    """`code` runs in a fresh interpreter in which `package` cannot be imported."""
+    script = ("import sys, importlib.abc\n"
+              "class Block(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              f"        if name.split('.')[0] == {package!r}: raise ImportError('{package} blocked')\n"
+              "sys.meta_path.insert(0, Block())\n"
+              f"{code}\n"
+              "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_client_imports_without_torch():
+    _runs_without("torch", "import workbench, workbench.types, workbench.wire, kernel_ext")
 
 
 def _workbench_imports(path: Path) -> set[str]:
@@ -169,13 +174,5 @@ def test_kernel_ext_uses_only_the_public_sdk():
 def test_the_engine_imports_without_zeromq():
     """The GPU machine has no pyzmq: the engine imports only the SDK's protocol modules,
     and the package loads its clients (which bring ZeroMQ) on first use."""
-    code = ("import sys, importlib.abc\n"
-            "class Block(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] == 'zmq': raise ImportError('zmq blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "import server.engine.engine, server.engine.sampler, server.ops, workbench.types\n"
-            "assert 'workbench.connection' not in sys.modules\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.strip() == "ok", out.stderr
+    _runs_without("zmq", "import server.engine.engine, server.engine.sampler, server.ops, workbench.types\n"
+                         "assert 'workbench.connection' not in sys.modules")

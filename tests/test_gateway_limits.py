@@ -24,6 +24,8 @@ import pytest
 
 from workbench import wire
 
+from conftest import free_port
+
 KEY_A, KEY_B = "tml-tenant-a-key-0123456789", "tml-tenant-b-key-0123456789"
 LIMIT = 1 << 20  # --max-message-mb 1
 MAX_CONNECTIONS = 16
@@ -31,17 +33,12 @@ READ_TIMEOUT = 1.5
 BASE = "tiny-qwen3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     (root / "keys.json").write_text(json.dumps({KEY_A: "tenant-a", KEY_B: "tenant-b"}))
-    port, log_path = _free_port(), root / "server.log"
+    port, log_path = free_port(), root / "server.log"
     env = {k: v for k, v in os.environ.items() if k not in ("WORKBENCH_URL", "WORKBENCH_API_KEY")}
     env.setdefault("OMP_NUM_THREADS", "1")
     with open(log_path, "w") as log:

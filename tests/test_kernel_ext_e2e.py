@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 CHROMIUM = os.environ.get("WB_CHROMIUM", "/usr/bin/chromium")
 
@@ -56,11 +57,6 @@ CELLS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _write_notebook(path: Path) -> None:
     import nbformat
@@ -80,7 +76,7 @@ def lab(server, tmp_path):
     (config / "labconfig" / "page_config.json").write_text(json.dumps(
         {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     _write_notebook(root / "e2e.ipynb")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "WORKBENCH_URL": server.url, "WORKBENCH_API_KEY": server.api_key,
            "JUPYTER_CONFIG_DIR": str(config), "IPYTHONDIR": str(tmp_path / "ipython")}
     cmd = [str(Path(sys.executable).parent / "jupyter-lab"), "--no-browser", "--allow-root",

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import start_server
+from conftest import free_port, start_server
 
 tinker = pytest.importorskip("tinker")
 from tinker import types as tt  # noqa: E402
@@ -29,15 +28,10 @@ BASE = "tiny-qwen3"
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     root = tmp_path_factory.mktemp("gw")
     (root / "keys.json").write_text(json.dumps({OTHER_KEY: "workbench-tenant"}))
     server = start_server(root, "--models", BASE, "--tinker-port", str(port),
@@ -332,7 +326,7 @@ def test_silent_sessions_of_both_frontends_are_parked_by_one_book_and_come_back(
     and later heartbeats get 410. Cycle events carry the queue depth per tenant."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     server = start_server(tmp_path, "--models", BASE, "--tinker-port", str(port), "--session-timeout", "1.5",
                           api_key=KEY)
     url, headers = f"http://127.0.0.1:{port}", {"X-API-Key": KEY}
