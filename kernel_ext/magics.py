@@ -9,7 +9,8 @@ Connection
   %tinker connect [URL] [--key K] [--server-key Z85]
                                       connect to URL (default: $WORKBENCH_URL, else embedded);
                                       --server-key: the public key of a CURVE server
-  %tinker stop                        close widgets; stop the embedded server if we started it
+  %tinker stop                        detach widgets (they stay on screen, frozen, controls off);
+                                      stop the embedded server if we started it
   %tinker status                      URL, protocol, tenant, current cycle, models
   %tinker models                      base models the server offers
   %tinker runs                        your training runs (RestClient)
@@ -26,9 +27,10 @@ Views
         built with renderer NAME. Colours: trained green, masked grey, negative weight red;
         hover shows id, text, weight, logprob. With --client, "score" runs a forward pass to
         colour by per-token loss and diff against the first scoring. Returns a TokenInspector.
-  %tinker step VAR --batches EXPR [--lr X] [--loss-fn NAME]
+  %tinker step VAR --batches EXPR [--lr X] [--loss-fn NAME] [--run-n N]
         control panel for a training client: forward_backward, optim_step, step, run N,
-        pause / resume, learning rate. Buttons enqueue work for a background worker.
+        pause / resume, learning rate (--lr) and the N of run N (--run-n, default 10). Buttons
+        enqueue work for a background worker.
         EXPR: a list of batches (cycled), a flat list of Datums (one batch), or an iterator.
   %tinker rollouts [EXPR] [--tokenizer VAR]
         RL rollout dashboard: groups -> samples with reward, advantage and a per-token
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", required=True)
     p.add_argument("--lr", type=_non_negative_float, default=1e-4)
     p.add_argument("--loss-fn", default="cross_entropy")
+    p.add_argument("--run-n", type=int, default=10)
     p = sub.add_parser("rollouts", add_help=False)
     p.add_argument("expr", nargs="?")
     p.add_argument("--tokenizer")
@@ -241,7 +244,7 @@ class TinkerMagics(Magics):
         from workbench.events import EventStream
 
         for widget in self.session.widgets:
-            widget.close()
+            widget.detach()  # not close(): what a session drew stays readable after it ends
         EventStream.close_all()
         service, embedded = self.session.service, self.session.started_embedded
         self.session = Session()
@@ -261,7 +264,9 @@ class TinkerMagics(Magics):
         models = [m.model_name for m in service.get_server_capabilities().supported_models]
         events = self._events(required=False)
         cycle = events.latest.get("cycle") if events is not None and events.latest else info.get("cycle")
+        log = getattr(service.local_server, "log_path", None) if service.local_server is not None else None
         rows = [["url", service.base_url], ["embedded", service.local_server is not None],
+                *([["server log", log]] if log else []),
                 ["protocol", info.get("protocol", "-")], ["server", info.get("server", "-")],
                 ["tenant", info.get("tenant", "-")], ["cycle", cycle if cycle is not None else "-"],
                 ["models", ", ".join(models)]]
@@ -367,7 +372,7 @@ class TinkerMagics(Magics):
         batches = self._value(args.batches, "batches")
         try:
             panel = StepPanel(client, batches, learning_rate=args.lr, loss_fn=args.loss_fn,
-                              events=self._events(required=False))
+                              events=self._events(required=False), run_n=args.run_n)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"%tinker step: {exc}") from None
         return self._keep(panel)

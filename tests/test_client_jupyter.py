@@ -87,3 +87,45 @@ def test_futures_in_a_running_jupyter_kernel(server, service):
     assert first == {"fb": fb.result(120).metrics["loss:sum"], "step": True}
     assert second["after"] == after.metrics["loss:sum"] < first["fb"]
     assert second["fb2"] == second["after"]  # no optim_step in between: same weights
+
+
+EMBEDDED = """
+import os
+os.environ.pop("WORKBENCH_URL", None)
+import workbench as wb
+service = wb.ServiceClient()
+print("LOG", json.dumps({"log": service.local_server.log_path,
+                         "models": [m.model_name for m in service.get_server_capabilities().supported_models]}))
+service.local_server.stop()
+"""
+
+
+def test_an_embedded_server_in_a_kernel_logs_to_a_file_not_to_red_stderr_boxes():
+    """A kernel shows a subprocess's stderr as red boxes in whatever cell runs: the embedded
+    server's start-up line there reads as an error. In a kernel its log goes to a file."""
+    manager = jupyter_client.KernelManager(kernel_name="python3")
+    manager.start_kernel(env={k: v for k, v in __import__("os").environ.items() if k != "WORKBENCH_URL"}
+                         | {"WORKBENCH_LOCAL_MODELS": "tiny-qwen3"})
+    client = manager.client()
+    client.start_channels()
+    stderr: list[str] = []
+    try:
+        client.wait_for_ready(timeout=120)
+        run_cell(client, "import json")
+        out = []
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                (stderr if msg["content"]["name"] == "stderr" else out).append(msg["content"]["text"])
+            assert msg["msg_type"] != "error", msg["content"]
+
+        reply = client.execute_interactive(EMBEDDED, timeout=180, output_hook=hook)
+        assert reply["content"]["status"] == "ok"
+        found = tagged("".join(out), "LOG")
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert stderr == []
+    assert "tiny-qwen3" in found["models"]
+    with open(found["log"]) as f:
+        assert "[workbench-server]" in f.read()  # the start-up line went to the file

@@ -206,6 +206,39 @@ def test_start_and_stop_the_embedded_server(ip, monkeypatch):
         magics.tinker("status")
 
 
+def test_stop_leaves_the_widgets_on_screen_frozen(ip, monkeypatch):
+    """A notebook's record survives `%tinker stop`: the monitor keeps every cycle it drew and the
+    step panel its figures, but nothing listens any more and the panel's buttons are off."""
+    from kernel_ext.magics import TinkerMagics
+
+    monkeypatch.delenv("WORKBENCH_URL", raising=False)
+    magics = TinkerMagics(ip)
+    service = magics.tinker("start --models tiny-qwen3")
+    client = service.create_lora_training_client("tiny-qwen3", rank=4, seed=0)
+    ids = client.get_tokenizer().encode("one two three four five six", add_special_tokens=False)
+    ip.user_ns.update(stop_tc=client, stop_batch=[shifted(ids, 3)])
+    monitor = magics.tinker("monitor")
+    panel = magics.tinker("step stop_tc --batches stop_batch --lr 0.01 --run-n 3")
+    assert panel.run_count.value == 3
+    panel.enqueue("run", 3)
+    assert panel.wait_idle(120)
+    deadline = time.monotonic() + 10
+    while not monitor.cycles and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cycles = len(monitor.cycles)
+    assert cycles >= 1 and panel.step == 3
+    magics.tinker("stop")
+    assert monitor.widget.comm is not None and panel.widget.comm is not None  # not closed
+    assert len(monitor.cycles) == cycles and monitor.stream is None
+    assert all(b.disabled for b in (panel.fb_button, panel.step_button, panel.run_button))
+    assert 'wb-step-count">3<' in panel.info.value and "disconnected" in panel.info.value
+    with pytest.raises(RuntimeError, match="disconnected"):
+        panel.enqueue("step")
+    panel.close()
+    monitor.close()
+    assert panel.widget.comm is None
+
+
 def test_inspect_a_conversation_through_a_renderer(ip, training):
     from workbench.renderers import get_renderer
 

@@ -147,3 +147,13 @@ def test_one_wb_path_parser_for_the_sdk_and_the_store(tmp_path):
     with pytest.raises(InvalidRequestError, match="bad checkpoint path") as info:
         Store(tmp_path).load_checkpoint("wb://../weights/x", "default")
     assert info.value.where == "path"
+
+
+def test_an_embedded_server_that_fails_to_start_names_its_log(tmp_path):
+    from workbench.local import LocalServer
+
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 2; the end of its log .*server\.log.*--cycle-ms: invalid int"):
+        LocalServer(store=str(tmp_path / "store"), extra_args=["--cycle-ms", "soon"], log=str(log))
+    with pytest.raises(ValueError, match="log must be"):
+        LocalServer(log=3)

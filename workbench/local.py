@@ -5,6 +5,11 @@ device auto. It lives in its own process group and is stopped when this process 
 by atexit on a normal exit or Ctrl-C, and by the server itself (it watches our pid) if we
 die without running atexit (a crash, SIGKILL).
 
+Its log (start-up line, model conversion progress, warnings) goes to this process's stderr in
+a terminal. Inside a Jupyter kernel it goes to a file instead (`log_path`, named in the error
+if the server fails to start): a kernel shows every line a subprocess writes to stderr as a red
+box in whichever cell happens to run, which reads as an error when it is not one.
+
 The server's ready line is ``workbench-server ready url=<url>`` followed by optional
 ``name=value`` fields (``curve_public_key=<z85>`` when it runs with --curve-secret-file);
 `workbench.wire.parse_ready_line` reads it for any launcher of the server.
@@ -18,17 +23,32 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 # The ready line's grammar is a protocol fact (workbench.wire); re-exported for old imports.
 from .wire import READY_PREFIX, parse_ready_line  # noqa: F401
 
 
+def in_jupyter_kernel() -> bool:
+    """True inside an IPython kernel (a notebook), False in a terminal IPython or a script."""
+    shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class LocalServer:
     def __init__(self, models: str = "", device: str = "auto", startup_timeout: float = 180.0,
                  store: Optional[str] = None, api_key: Optional[str] = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), log: Union[str, None] = "auto"):
+        """`log`: "auto" (a file inside a Jupyter kernel, else inherit stderr), "stderr", or
+        a file path the server's log is appended to."""
+        if log not in ("auto", "stderr") and not isinstance(log, (str, os.PathLike)):
+            raise ValueError(f"log must be 'auto', 'stderr' or a file path, got {log!r}")
+        if log == "auto":
+            log = os.path.join(tempfile.gettempdir(), f"workbench-server-{os.getpid()}-{secrets.token_hex(3)}.log") \
+                if in_jupyter_kernel() else "stderr"
+        self.log_path: Optional[str] = None if log == "stderr" else os.fspath(log)
         self.api_key = api_key or "local-" + secrets.token_hex(16)
         self.store = store
         cmd = [
@@ -42,10 +62,15 @@ class LocalServer:
         # The key goes by environment, not argv, so other users cannot read it from `ps`.
         env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_URL"}
         env["WORKBENCH_API_KEY"] = self.api_key
-        self.process = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True,
-            start_new_session=True,  # its own process group: Ctrl-C in a notebook spares it
-        )
+        log_file = None if self.log_path is None else open(self.log_path, "a")
+        try:
+            self.process = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True,
+                start_new_session=True,  # its own process group: Ctrl-C in a notebook spares it
+            )
+        finally:
+            if log_file is not None:
+                log_file.close()  # the child holds its own descriptor
         atexit.register(self.stop)
         self.url, fields = self._wait_ready(startup_timeout)
         # z85 public key when extra_args turned CURVE on (--curve-secret-file), else None.
@@ -69,7 +94,10 @@ class LocalServer:
             code = self.process.poll()
             self.stop()
             why = f"exited with code {code}" if code is not None else f"was not ready within {timeout:.0f} s"
-            raise RuntimeError(f"the embedded workbench server {why}; its log is above on stderr")
+            if self.log_path is None:
+                raise RuntimeError(f"the embedded workbench server {why}; its log is above on stderr")
+            raise RuntimeError(f"the embedded workbench server {why}; the end of its log "
+                               f"({self.log_path}):\n{self.log_tail()}")
         return found[0]
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -83,6 +111,14 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log file ("" when it logs to stderr)."""
+        if self.log_path is None or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, errors="replace") as f:
+            # tqdm redraws with \r: keep each line's last state
+            return "\n".join(line.rsplit("\r", 1)[-1] for line in f.read().splitlines()[-lines:])
 
     @property
     def pid(self) -> int:

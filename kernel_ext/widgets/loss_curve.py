@@ -156,13 +156,19 @@ class LossCurve:
     def _repr_mimebundle_(self, **_: Any) -> dict:
         return widget_bundle(self.fig, repr(self), self.static_html())
 
-    def close(self) -> None:
-        """Stop listening and release the FigureWidget (they are not reliably collected)."""
-        self.throttle.cancel()
+    def detach(self) -> None:
+        """Stop listening, drawing what has arrived: the figure stays on screen, frozen
+        (`%tinker stop` detaches; close() also removes it)."""
         for client, listener in self._attached:
             try:
                 client.remove_listener(listener)
             except (AttributeError, ValueError):
                 pass
         self._attached.clear()
+        self.throttle.flush_now()
+
+    def close(self) -> None:
+        """Stop listening and release the FigureWidget (they are not reliably collected)."""
+        self.detach()
+        self.throttle.cancel()
         self.fig.close()

@@ -109,9 +109,16 @@ class ServerMonitor:
     def _repr_mimebundle_(self, **_: Any) -> dict:
         return widget_bundle(self.widget, repr(self), self.static_html())
 
-    def close(self) -> None:
+    def detach(self) -> None:
+        """Stop listening to the event stream; the figures stay on screen with every cycle
+        received (`%tinker stop` detaches, so the record of a finished session stays)."""
         if self.stream is not None:
             self.stream.unsubscribe(self.record)
+            self.stream = None
+        self.throttle.flush_now()
+
+    def close(self) -> None:
+        self.detach()
         self.throttle.cancel()
         for widget in (self.header, self.fig, self.widget):
             widget.close()

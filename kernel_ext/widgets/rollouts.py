@@ -235,6 +235,10 @@ class RolloutDashboard:
     def _repr_mimebundle_(self, **_: Any) -> dict:
         return widget_bundle(self.widget, repr(self), self.static_html())
 
+    def detach(self) -> None:
+        """Draw what has arrived; the dashboard stays on screen (it listens to nothing)."""
+        self.throttle.flush_now()
+
     def close(self) -> None:
         self.throttle.cancel()
         for widget in (*self._group_widgets.values(), self.summary, self.fig, self.body, self.widget):

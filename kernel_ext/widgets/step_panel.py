@@ -86,7 +86,7 @@ class _Tracked:
 
 class StepPanel:
     def __init__(self, client: Any, batches: Any, learning_rate: float = 1e-4,
-                 loss_fn: str = "cross_entropy", events: Optional[EventStream] = None):
+                 loss_fn: str = "cross_entropy", events: Optional[EventStream] = None, run_n: int = 10):
         import ipywidgets as w
 
         if not hasattr(client, "forward_backward") or not hasattr(client, "optim_step"):
@@ -118,7 +118,10 @@ class StepPanel:
         self.fb_button = button("forward_backward", "wb-fb", lambda: self.enqueue("forward_backward"))
         self.optim_button = button("optim_step", "wb-optim", lambda: self.enqueue("optim_step"))
         self.step_button = button("step", "wb-step", lambda: self.enqueue("step"))
-        self.run_count = w.BoundedIntText(value=10, min=1, max=100000, layout=w.Layout(width="80px"))
+        if not 1 <= int(run_n) <= 100000:
+            raise ValueError(f"run_n must be in 1..100000, got {run_n}")
+        self.detached = False
+        self.run_count = w.BoundedIntText(value=int(run_n), min=1, max=100000, layout=w.Layout(width="80px"))
         self.run_button = button("run N", "wb-run", lambda: self.enqueue("run", self.run_count.value))
         self.pause_button = button("pause", "wb-pause", self.toggle_pause)
         self.lr = w.FloatText(value=float(learning_rate), description="lr", layout=w.Layout(width="180px"))
@@ -144,6 +147,8 @@ class StepPanel:
         """Queue a command for the worker: forward_backward, optim_step, step, run N, stop."""
         if command not in ("forward_backward", "optim_step", "step", "run"):
             raise ValueError(f"unknown step-panel command {command!r}")
+        if self.detached:
+            raise RuntimeError(f"this step panel is {self.status}: make a new one with %tinker step")
         with self._lock:
             self._outstanding += 1
         self._commands.put((command, *args))
@@ -274,15 +279,35 @@ class StepPanel:
     def _repr_mimebundle_(self, **_: Any) -> dict:
         return widget_bundle(self.widget, repr(self), self.info_html())
 
-    def close(self) -> None:
+    def detach(self, reason: str = "disconnected") -> None:
+        """Stop the worker and listeners; the panel stays on screen with its last figures and
+        its buttons disabled (`%tinker stop` detaches). Commands still queued are dropped."""
+        if self.detached:
+            return
+        self.detached = True
+        while True:  # drop queued commands: nothing may reach a closed connection
+            try:
+                if self._commands.get_nowait() is not None:
+                    with self._idle:
+                        self._outstanding -= 1
+                        self._idle.notify_all()
+            except queue.Empty:
+                break
         self._running.set()
         self._commands.put(None)
-        self.throttle.cancel()
         try:
             self.client.remove_listener(self._on_result)
         except (AttributeError, ValueError):
             pass
         if self.events is not None:
-            self.events.unsubscribe(self._on_event)
+            self.events.unsubscribe(self._on_event)  # kept: its last cycle stays shown
+        for widget in self.widget.children[0].children:
+            widget.disabled = True
+        self.status = reason
+        self.throttle.flush_now()
+
+    def close(self) -> None:
+        self.detach()
+        self.throttle.cancel()
         for widget in (*self.widget.children[0].children, self.widget.children[0], self.info, self.widget):
             widget.close()

@@ -108,6 +108,11 @@ class TokenInspector:
     def _repr_mimebundle_(self, **_: Any) -> dict:
         return widget_bundle(self.widget, repr(self), self.static_html())
 
+    def detach(self) -> None:
+        """Disconnected: the tokens and scores stay browsable; scoring is switched off."""
+        self.client = None
+        self.score_button.disabled = True
+
     def close(self) -> None:
         for widget in (self.selector, self.mode, self.score_button, self.body, *self.widget.children,
                        self.widget):
