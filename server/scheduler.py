@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from workbench.errors import QueueFullError, RequestFailedError, ServerError, WorkbenchError
 
@@ -75,6 +75,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._cycle = 0
         self._closed = False
+        # Queues served by the last cycle, and when its replies went out: clients that
+        # step in lockstep send their next request within milliseconds of that.
+        self._last_served: frozenset[str] = frozenset()
+        self._last_done = -float("inf")
 
     @property
     def cycle(self) -> int:
@@ -110,15 +114,26 @@ class Scheduler:
             return any(self._queues.values())
 
     def expecting_more(self, window: float) -> bool:
-        """True while some run's queue ends in a forward_backward submitted within `window`
-        seconds: its optim_step is most likely on the wire right now, and should land in the
-        same cycle."""
+        """True while, within `window` seconds, more work is most likely on the wire:
+        - some run's queue ends in a forward_backward submitted less than `window` ago (its
+          optim_step follows and should land in the same cycle), or
+        - the last cycle's replies went out less than `window` ago and a queue it served has
+          nothing queued yet (that client is sending its next step: several clients training
+          in lockstep then share each cycle instead of taking turns by a millisecond)."""
         now = time.time()  # the clock of Work.submitted
         with self._cond:
+            if now - self._last_done < window and any(not self._queues.get(name) for name in self._last_served):
+                return True
             return any(
                 q and q[-1].op == "forward_backward" and now - q[-1].submitted < window
                 for q in self._queues.values()
             )
+
+    def cycle_done(self, served: Iterable[str]) -> None:
+        """The engine finished a cycle that served these queues (its replies are out)."""
+        with self._cond:
+            self._last_served = frozenset(served)
+            self._last_done = time.time()
 
     def wake(self) -> None:
         with self._cond:
@@ -230,8 +245,10 @@ def run_loop(
     as parking the adapters of silent sessions, must not wait for the next request).
 
     With cycle_ms 0 a cycle starts as soon as work is queued, except that it waits (up to
-    max_gather_ms) while a run's queue ends in a forward_backward that arrived less than
-    gather_ms ago, so that the optim_step a client sends right behind it joins the cycle.
+    max_gather_ms) while `Scheduler.expecting_more(gather_ms)`: a run's queue ends in a
+    forward_backward that arrived less than gather_ms ago (the optim_step a client sends right
+    behind it joins the cycle), or a run the last cycle served has not sent its next request
+    yet and that cycle ended less than gather_ms ago (runs in lockstep share cycles).
     """
     period = cycle_ms / 1000.0
     next_tick = time.monotonic()
@@ -263,6 +280,7 @@ def run_loop(
         # Whose each run / sampler is: the frontend sends a tenant only its own run_metrics.
         owners = {w.queue: w.tenant for w in plan.works()}
         figures = execute(plan)
+        scheduler.cycle_done(owners)
         event = {
             "cycle": plan.cycle,
             "start": started,

@@ -129,3 +129,47 @@ def test_with_several_tenants_a_backlog_takes_at_most_the_quantum_of_a_cycle():
     assert ("run-b", "optim_step") in first
     alone = taken(books.next_plan())  # the flood alone is not held back by the quantum
     assert len(alone) == 48
+
+
+def test_clients_stepping_in_lockstep_share_cycles_instead_of_taking_turns():
+    """Two tenants each send their next step when their last one is answered; one of them a few
+    milliseconds later than the other. The engine waits (at most gather_ms after a cycle's
+    replies) for a run it just served, so both share every cycle: without that wait the first
+    arrival would start a cycle alone and the two would alternate."""
+    import time
+
+    books = Scheduler()
+    steps = {"alice": 0, "bob": 0}
+    stop = threading.Event()
+    events: list[dict] = []
+
+    def send(tenant: str) -> None:
+        if steps[tenant] == 6:
+            return
+        steps[tenant] += 1
+
+        def done(result, error, tenant=tenant):  # the client: next step on reply, bob 3 ms late
+            threading.Timer(0.003 if tenant == "bob" else 0.0, send, args=(tenant,)).start()
+
+        books.submit(Work("forward_backward", tenant, f"run-{tenant}", {}, done=lambda r, e: None))
+        books.submit(Work("optim_step", tenant, f"run-{tenant}", {}, done=done))
+
+    def execute(plan) -> dict:
+        time.sleep(0.01)  # the engine's pass
+        for w in plan.works():
+            finish(w, {})
+        return {}
+
+    def on_cycle(event: dict) -> None:
+        events.append(event)
+        if steps == {"alice": 6, "bob": 6} and not books.queue_depth():
+            stop.set()
+
+    send("alice")
+    send("bob")
+    loop = threading.Thread(target=run_loop, args=(books, execute, stop, 0, on_cycle), kwargs={"gather_ms": 150})  # wide: a loaded CI box
+    loop.start()
+    loop.join(20)
+    stop.set()
+    assert not loop.is_alive()
+    assert [e["tenants"] for e in events] == [2] * 6
