@@ -39,6 +39,7 @@ Views
   %tinker monitor
         live server view from its event stream: tenants, tokens, seconds per cycle, queue.
   %tinker sample VAR "prompt" [--n N] [--max-tokens M] [--temperature T] [--seed S]
+                [--chat] [--renderer NAME]
         sample from a SamplingClient (or a TrainingClient's current weights); completions
         shown with per-token logprobs. Returns the SampleResponse view.
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive_int, default=32)
     p.add_argument("--temperature", type=_non_negative_float, default=1.0)
     p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--renderer")
     return parser
 
 
@@ -406,6 +409,17 @@ class TinkerMagics(Magics):
         self.session.monitor = self._keep(ServerMonitor(self._events()))
         return self.session.monitor
 
+    @staticmethod
+    def _chat_renderer(name: Optional[str], client: Any, tokenizer: Any) -> Any:
+        """The renderer NAME, or the one recommended for the client's base model."""
+        from workbench.renderers import get_recommended_renderer_name, get_renderer
+
+        try:
+            name = name or get_recommended_renderer_name(getattr(client, "base_model", ""))
+            return get_renderer(name, tokenizer)
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"%tinker sample --chat: {exc} (name one with --renderer)") from None
+
     def _cmd_sample(self, args: argparse.Namespace) -> Any:
         from workbench import types
 
@@ -419,7 +433,14 @@ class TinkerMagics(Magics):
         if not hasattr(client, "sample"):
             raise UsageError(f"%tinker sample: {args.client} is a {type(client).__name__}, not a sampling client")
         tokenizer = client.get_tokenizer()
-        prompt = tokenizer.encode(args.prompt, add_special_tokens=False)
-        params = types.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        response = client.sample(types.ModelInput.from_ints(prompt), args.n, params).result()
+        stop = None
+        if args.chat or args.renderer:
+            renderer = self._chat_renderer(args.renderer, client, tokenizer)
+            model_input = renderer.build_generation_prompt([{"role": "user", "content": args.prompt}])
+            stop = renderer.get_stop_sequences()
+        else:
+            model_input = types.ModelInput.from_ints(tokenizer.encode(args.prompt, add_special_tokens=False))
+        params = types.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                                      stop=stop)
+        response = client.sample(model_input, args.n, params).result()
         return SampleView(args.prompt, response, tokenizer)

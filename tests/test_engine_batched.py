@@ -397,3 +397,25 @@ def test_routing_drops_prepared_work_when_spans_change():
         expected = layer.forward_spans(x, [(1, 0, 2), (0, 2, 4)])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
+
+
+def test_a_prompt_prefilled_once_for_all_its_samples_samples_the_same(engine):
+    """share_prefill runs each request's prompt once and copies its KV cache to its samples'
+    rows: the same tokens and logprobs as prefilling every sample's row, across adapters,
+    prompt lengths, sample counts and sampling settings."""
+    (_, ad_a), (_, ad_b) = make_adapter(engine, rank=4, seed=31), make_adapter(engine, rank=8, seed=32)
+    base = engine.bases[QWEN]
+    reqs = [
+        SampleRequest(ad_a.slot, [5, 6, 7], 4, 7, temperature=1.0, seed=1),
+        SampleRequest(None, [9, 10], 1, 5, temperature=0.0),
+        SampleRequest(ad_b.slot, [11, 12, 13, 14, 15], 3, 6, temperature=0.7, top_p=0.9, seed=2),
+        SampleRequest(ad_a.slot, [3, 1], 2, 4, temperature=0.0),
+    ]
+    shared = generate(base, reqs, share_prefill=True)
+    alone = generate(base, reqs, share_prefill=False)
+    for rs, ra in zip(shared, alone):
+        assert len(rs) == len(ra)
+        for a, b in zip(rs, ra):
+            assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+    assert len({tuple(o.tokens) for o in shared[0]}) > 1  # the samples really differ

@@ -172,6 +172,21 @@ def test_cell_magic_sample(ip, training):
     assert result.prompt == "the grass is" and len(result.response.sequences[0].tokens) <= 3
 
 
+def test_sample_a_chat_prompt_through_the_models_renderer(ip, training):
+    """--chat asks the prompt as a user turn in the model's chat template and stops at the
+    end of the assistant's turn: the same tokens as sampling the rendered prompt by hand."""
+    from workbench import renderers, types
+
+    view = ip.run_line_magic("tinker", "sample tc 'Hi there' --chat --max-tokens 6 --temperature 0")
+    renderer = renderers.get_renderer(renderers.get_recommended_renderer_name("tiny-qwen3"), training.get_tokenizer())
+    prompt = renderer.build_generation_prompt([{"role": "user", "content": "Hi there"}])
+    params = types.SamplingParams(max_tokens=6, temperature=0.0, stop=renderer.get_stop_sequences())
+    by_hand = training.save_weights_and_get_sampling_client().sample(prompt, 1, params).result()
+    assert view.response.sequences[0].tokens == by_hand.sequences[0].tokens
+    with pytest.raises(UsageError, match="--chat: .*no-such"):
+        ip.run_line_magic("tinker", "sample tc 'Hi' --renderer no-such")
+
+
 def test_rollouts_from_a_list(ip):
     ip.user_ns["groups"] = [
         {"samples": [{"reward": 1.0, "logprobs": [-0.2, -1.5]}, {"reward": 0.0, "logprobs": [-3.0]}]},

@@ -134,28 +134,43 @@ class SampleOutput:
 
 @torch.no_grad()
 def generate(
-    base: BaseModel, requests: list[SampleRequest], pad_id: int = 0, compact: bool = True
+    base: BaseModel, requests: list[SampleRequest], pad_id: int = 0, compact: bool = True,
+    share_prefill: bool = True,
 ) -> list[list[SampleOutput]]:
     """Decode all requests' rows together; see the module docstring.
 
     `compact=True` drops finished rows from the decode batch and the KV cache, so they stop
-    costing compute. Results do not depend on it: every request draws one uniform per sample
-    per step from its own generator whether or not that sample is still running, and rows
-    never see each other (the switch exists so tests can check exactly that).
+    costing compute. `share_prefill=True` runs each request's prompt once, however many
+    samples it asks for, and starts its samples' rows from copies of that prompt's KV cache
+    and last logits (RL asks for groups of samples per prompt: the prompt's compute is paid
+    once instead of num_samples times). Results depend on neither: every request draws one
+    uniform per sample per step from its own generator whether or not that sample is still
+    running, rows never see each other, and a row's prompt computes the same values alone or
+    copied (the switches exist so tests can check exactly that).
     """
     if not requests:
         return []
     device = base.device
+
+    def by_slot(r: int) -> tuple[bool, int]:
+        return requests[r].slot is None, requests[r].slot or 0
+
     # One row per sample, grouped by adapter slot (stable within a slot).
     rows = [(r_i, s_i) for r_i, req in enumerate(requests) for s_i in range(req.num_samples)]
-    rows.sort(key=lambda rs: (requests[rs[0]].slot is None, requests[rs[0]].slot or 0))
+    rows.sort(key=lambda rs: by_slot(rs[0]))
     row_slots = [requests[r].slot for r, _ in rows]
     n_rows = len(rows)
-    prompt_len = max(len(requests[r].prompt) for r, _ in rows)
+    # The prefill's rows: one per request (then copied out to its samples' rows), or one per row.
+    prefill = sorted(range(len(requests)), key=by_slot) if share_prefill else [r for r, _ in rows]
+    copy_out = None
+    if share_prefill and len(prefill) < n_rows:
+        at = {r: i for i, r in enumerate(prefill)}
+        copy_out = torch.tensor([at[r] for r, _ in rows], dtype=torch.long, device=device)
+    prompt_len = max(len(requests[r].prompt) for r in prefill)
 
-    input_ids = torch.full((n_rows, prompt_len), pad_id, dtype=torch.long)
-    attention = torch.zeros((n_rows, prompt_len), dtype=torch.long)
-    for i, (r, _) in enumerate(rows):
+    input_ids = torch.full((len(prefill), prompt_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prefill), prompt_len), dtype=torch.long)
+    for i, r in enumerate(prefill):
         prompt = requests[r].prompt
         input_ids[i, prompt_len - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention[i, prompt_len - len(prompt):] = 1
@@ -174,7 +189,7 @@ def generate(
     tokenizer = base.tokenizer
 
     alive = list(range(n_rows))  # the original row of each row in the decode batch, in order
-    routing = LoRARouting(base.lora_layers, spans_for_rows(row_slots), per_row=True)
+    routing = LoRARouting(base.lora_layers, spans_for_rows([requests[r].slot for r in prefill]), per_row=True)
     cache_arg = _cache_argument(base.model)
     cache = None
     sampling: Optional[RowSampling] = None  # for the rows in `alive`
@@ -192,6 +207,11 @@ def generate(
             )
         cache = getattr(out, cache_arg)
         logits = out.logits[:, -1, :].float()  # [alive, V]
+        if copy_out is not None:  # the prefill ran once per request: one copy per sample row
+            cache.batch_select_indices(copy_out)
+            logits, attention = logits[copy_out], attention[copy_out]
+            routing.spans = tuple(spans_for_rows(row_slots))
+            copy_out = None
         if sampling is None:
             sampling = RowSampling.of([rows[i] for i in alive], requests, logits.shape[-1], device)
         next_tokens = _choose(logits, sampling, requests, generators)
