@@ -28,10 +28,14 @@ Views
         hover shows id, text, weight, logprob. With --client, "score" runs a forward pass to
         colour by per-token loss and diff against the first scoring. Returns a TokenInspector.
   %tinker step VAR --batches EXPR [--lr X] [--loss-fn NAME] [--run-n N]
-        control panel for a training client: forward_backward, optim_step, step, run N,
-        pause / resume, learning rate (--lr) and the N of run N (--run-n, default 10). Buttons
-        enqueue work for a background worker.
+        control panel for a training client: forward_backward, optim_step, step, undo (rewind
+        the last optim_step), run N, pause / resume, learning rate (--lr) and the N of run N
+        (--run-n, default 10). Buttons enqueue work for a background worker.
         EXPR: a list of batches (cycled), a flat list of Datums (one batch), or an iterator.
+  %tinker rewind VAR [N]
+        undo the last N (default 1) optim_steps of training client VAR (TrainingClient.rewind):
+        weights and optimizer state exactly as before them, gradients since discarded. The
+        server keeps a few steps (its --rewind-depth); asking for more changes nothing.
   %tinker rollouts [EXPR] [--tokenizer VAR]
         RL rollout dashboard: groups -> samples with reward, advantage and a per-token
         logprob strip; zero-variance groups flagged. EXPR: a list of groups (or an iterator,
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_non_negative_float, default=1e-4)
     p.add_argument("--loss-fn", default="cross_entropy")
     p.add_argument("--run-n", type=int, default=10)
+    p = sub.add_parser("rewind", add_help=False)
+    p.add_argument("client")
+    p.add_argument("steps", nargs="?", type=_positive_int, default=1)
     p = sub.add_parser("rollouts", add_help=False)
     p.add_argument("expr", nargs="?")
     p.add_argument("--tokenizer")
@@ -379,6 +386,20 @@ class TinkerMagics(Magics):
         except (TypeError, ValueError) as exc:
             raise UsageError(f"%tinker step: {exc}") from None
         return self._keep(panel)
+
+    def _cmd_rewind(self, args: argparse.Namespace) -> TextView:
+        from workbench.errors import InvalidRequestError
+
+        client = self._value(args.client, "training client")
+        if not hasattr(client, "rewind"):
+            raise UsageError(f"%tinker rewind: {args.client} is a {type(client).__name__}, not a TrainingClient")
+        try:
+            out = client.rewind(args.steps).result()
+        except InvalidRequestError as exc:
+            raise UsageError(f"%tinker rewind: {exc}") from None
+        msg = (f"rewound {args.client} by {out.steps} optim_step{'s' * (out.steps != 1)}: the run is at "
+               f"step {out.step}; {out.rewindable} more can be undone")
+        return TextView(f"<span>{msg}</span>", msg)
 
     def _cmd_rollouts(self, args: argparse.Namespace) -> Any:
         from .widgets import RolloutDashboard

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most adapters waiting in host memory (parked: beyond "
                         "--max-resident-adapters, or of a silent session); the least recently "
                         "parked spill to files under the store until used (default 64)")
+    parser.add_argument("--rewind-depth", type=int, default=4, metavar="N",
+                        help="optim_steps of each training run that TrainingClient.rewind can "
+                        "undo: the run's state before each of its last N steps is kept in host "
+                        "memory, 12 bytes per LoRA parameter per step (fp32 weights + both Adam "
+                        "moments: about 9 MB for tiny-qwen3 at rank 32, about 1.1 GB for "
+                        "Qwen3-8B at rank 32 on every linear layer and the head); written to the "
+                        "spill file with a spilled run, dropped by a checkpoint load; 0 turns "
+                        "rewind off (default 4)")
     parser.add_argument("--reply-cache-mb", type=float, default=256.0,
                         help="memory for replies kept so that a resent request id gets its reply "
                         "again instead of a second execution; a reply larger than this is sent "
@@ -247,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_resident_adapters is not None and args.max_resident_adapters < 1:
         raise SystemExit("--max-resident-adapters must be >= 1")
-    if args.max_host_adapters < 0:
-        raise SystemExit("--max-host-adapters must be >= 0")
+    if args.max_host_adapters < 0 or args.rewind_depth < 0:
+        raise SystemExit("--max-host-adapters and --rewind-depth must be >= 0")
     if args.reply_cache_mb < 0:
         raise SystemExit("--reply-cache-mb must be >= 0")
 
@@ -279,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine(device=args.device, token_budget=args.token_budget,
                         max_resident_adapters=args.max_resident_adapters,
-                        max_host_adapters=args.max_host_adapters, spill_dir=str(spill_dir))
+                        max_host_adapters=args.max_host_adapters, spill_dir=str(spill_dir),
+                        rewind_depth=args.rewind_depth)
     except ValueError as exc:
         raise SystemExit(str(exc))
     for name in filter(None, (m.strip() for m in args.models.split(","))):

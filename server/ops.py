@@ -108,6 +108,13 @@ def _check_adam(args: dict, limits: Limits) -> None:
         raise InvalidRequestError(f"bad adam_params: {exc}", "adam_params") from None
 
 
+def _check_rewind(args: dict, limits: Limits) -> None:
+    steps = args["steps"]
+    if isinstance(steps, bool) or steps < 1:
+        raise InvalidRequestError(f"rewind: steps must be an integer >= 1 (how many optim_steps to undo), "
+                                  f"got {steps!r}", "steps")
+
+
 def _check_new_run(args: dict, limits: Limits) -> None:
     if args.get("from_state"):
         return  # the checkpoint's rank, checked when it is read
@@ -166,6 +173,10 @@ _TABLE = (
     Op("load_state", Phase.CHECKPOINT, "run", {"model_id": str, "path": str}),
     # after the run's queued work of the cycle (Tinker's unload_model)
     Op("unload_model", Phase.CHECKPOINT, "run", {"model_id": str}),
+    # undo optim_steps (workbench only): after the run's train and optim work taken with it,
+    # in submission order, so gradients queued before it are discarded and work after it
+    # waits for the next cycle
+    Op("rewind", Phase.CHECKPOINT, "run", {"model_id": str, "steps": int}, check=_check_rewind),
 )
 
 OPS: Mapping[str, Op] = {op.name: op for op in _TABLE}

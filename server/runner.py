@@ -52,6 +52,8 @@ class CycleRunner:
             "load_state": self._load_state,
             "unload_model": lambda work: self.registry.unload_model(
                 self.registry.run(work.args["model_id"], work.tenant)),
+            "rewind": lambda work: self.registry.rewind(
+                self.registry.run(work.args["model_id"], work.tenant), work.args["steps"]),
         }
         # Phases whose requests run together; each returns the engine tokens it processed.
         self.batched: dict[Phase, Callable[[list[Work]], int]] = {

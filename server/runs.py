@@ -78,6 +78,19 @@ class Runs:
         del self.runs[run.run_id]
         return {"model_id": run.run_id}
 
+    def rewind(self, run: Run, steps: int) -> dict:
+        """Undo a run's last `steps` optim_steps (weights, AdamW state, step count; gradients
+        accumulated since are discarded); beyond what the engine kept, a clear refusal that
+        changes nothing."""
+        available = self.engine.rewindable(run.run_id)
+        if not 1 <= steps <= available:
+            raise InvalidRequestError(
+                f"training run {run.run_id!r} cannot rewind {steps} optim_step{'s' * (steps != 1)}: "
+                f"{available} can be undone (this server keeps the state before each of a run's last "
+                f"{self.engine.rewind_depth} optim_steps, --rewind-depth; loading a checkpoint starts "
+                "afresh); nothing was changed", "steps")
+        return {"model_id": run.run_id, **self.engine.rewind(run.run_id, steps)}
+
     def _check_run_quota(self, tenant: str) -> None:
         live = sum(run.tenant == tenant for run in self.runs.values())
         if live >= self.max_runs_per_tenant:

@@ -45,7 +45,7 @@ def test_help_documents_every_subcommand(ip):
     doc = ip.find_line_magic("tinker").__doc__
     assert doc == magics.__doc__
     for name in ("start", "stop", "connect", "status", "models", "runs", "checkpoints", "watch",
-                 "inspect", "step", "rollouts", "monitor", "sample"):
+                 "inspect", "step", "rewind", "rollouts", "monitor", "sample"):
         assert f"%tinker {name}" in doc, name
 
 
@@ -63,6 +63,8 @@ def test_help_documents_every_subcommand(ip):
     ("inspect \"[{'role': 'user', 'content': 'hi'}]\"", "needs --renderer"),
     ("fly", "%tinker: argument SUBCOMMAND"),
     ("step tc --batches batches --lr -1", "%tinker step: argument --lr: must be >= 0"),
+    ("rewind tc 0", "must be >= 1"),
+    ("rewind data", "is a list, not a TrainingClient"),
 ])
 def test_bad_input_raises_a_usage_error_naming_it(ip, training, line, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -139,6 +141,32 @@ def test_step_panel_buttons_run_in_the_background(ip, training):
     panel.toggle_pause()
     assert panel.wait_idle(60) and panel.error is None
     assert panel.step == start_step + 3 and panel.pending == 0 and panel.last_loss is not None
+    panel.close()
+
+
+def test_step_panel_undo_and_the_rewind_magic(ip, training):
+    """The panel's undo button rewinds one optim_step through its worker (the step count
+    goes back); `%tinker rewind tc N` rewinds N; beyond the server's depth it is refused."""
+    panel = ip.run_line_magic("tinker", "step tc --batches batches --lr 0.01 --run-n 2")
+    panel.run_button.click()
+    assert panel.wait_idle(60) and panel.error is None
+    start = panel.step
+    assert start == training.optim_steps and start >= 2
+    panel.undo_button.click()
+    assert panel.wait_idle(60) and panel.error is None
+    panel.flush()
+    assert panel.step == training.optim_steps == start - 1
+    assert f'wb-step-count">{start - 1}<' in panel.info.value
+    view = ip.run_line_magic("tinker", "rewind tc 1")
+    assert repr(view).startswith("rewound tc by 1 optim_step: the run is at step")
+    assert training.optim_steps == start - 2
+    panel.flush()
+    assert panel.step == start - 2
+    with pytest.raises(UsageError, match=r"cannot rewind 99 optim_steps: \d+ can be undone"):
+        ip.run_line_magic("tinker", "rewind tc 99")
+    assert training.optim_steps == start - 2
+    panel.step_button.click()  # training goes on from there
+    assert panel.wait_idle(60) and panel.error is None and panel.step == start - 1
     panel.close()
 
 

@@ -132,6 +132,25 @@ class TrainingClient:
         self._watch(future, "optim_step", lambda out: out.metrics or {})
         return future
 
+    def rewind(self, steps: int = 1) -> APIFuture[types.RewindResponse]:
+        """Undo this run's last `steps` optim_steps (a workbench extension; Tinker has none):
+        its weights and AdamW state (moments, step count) become exactly, bit for bit, what
+        they were before them, and gradients accumulated since the last optim_step are
+        discarded; training then goes on as if those steps had never been taken. Queued in
+        order with this client's other calls, like optim_step. The server keeps the state
+        before each of a run's last few steps (its --rewind-depth, default 4; a checkpoint
+        load starts afresh): asking for more fails with InvalidRequestError, changing nothing.
+        `optim_steps` (and the step listeners get) goes back by `steps` before the future
+        resolves; listeners get kind "rewind" with metrics {"steps": steps}."""
+
+        def rewound(reply: dict) -> types.RewindResponse:
+            out = types.RewindResponse(steps=reply["steps"], step=reply["step"], rewindable=reply["rewindable"])
+            self._optim_steps = max(0, self._optim_steps - out.steps)
+            self._tell("rewind", {"steps": float(out.steps)})
+            return out
+
+        return map_future(self._connection.call("rewind", {"model_id": self.model_id, "steps": steps}), rewound)
+
     # ---------------------------------------------------------- checkpoints
 
     def save_state(self, name: str) -> APIFuture[types.SaveWeightsResponse]:
@@ -200,8 +219,9 @@ class TrainingClient:
     def add_listener(self, fn: Listener) -> None:
         """fn(step, kind, metrics) for every result as it arrives (on the I/O thread).
 
-        `step` counts optim_steps completed so far; kind is forward, forward_backward or
-        optim_step. The notebook layer draws live views from this.
+        `step` counts optim_steps completed so far; kind is forward, forward_backward,
+        optim_step or rewind (then `step` went back by metrics["steps"]). The notebook layer
+        draws live views from this.
         """
         self._listeners.append(fn)
 
@@ -214,15 +234,18 @@ class TrainingClient:
                 return
             if kind == "optim_step":
                 self._optim_steps += 1
-            for fn in list(self._listeners):
-                try:
-                    fn(self._optim_steps, kind, dict(metrics_of(f.result())))
-                except Exception:  # a broken listener must not break the I/O thread
-                    import traceback
-
-                    traceback.print_exc()
+            self._tell(kind, dict(metrics_of(f.result())))
 
         future.add_done_callback(notify)
+
+    def _tell(self, kind: str, metrics: dict) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(self._optim_steps, kind, dict(metrics))
+            except Exception:  # a broken listener must not break the I/O thread
+                import traceback
+
+                traceback.print_exc()
 
     # ------------------------------------------------------- async variants
 
@@ -254,6 +277,9 @@ class TrainingClient:
 
     async def unload_model_async(self):
         return self.unload_model()
+
+    async def rewind_async(self, steps=1):
+        return self.rewind(steps)
 
     async def save_weights_and_get_sampling_client_async(self, name=None):
         import asyncio

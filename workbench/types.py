@@ -37,6 +37,7 @@ __all__ = [
     "ModelInput",
     "ModelInputChunk",
     "OptimStepResponse",
+    "RewindResponse",
     "SampleResponse",
     "SampledSequence",
     "SamplingParams",
@@ -245,6 +246,15 @@ class ForwardBackwardOutput(StrictBase):
 
 class OptimStepResponse(StrictBase):
     metrics: Optional[dict[str, float]] = None
+
+
+class RewindResponse(StrictBase):
+    """TrainingClient.rewind's result (a workbench extension; Tinker has no rewind)."""
+
+    steps: int  # optim_steps undone
+    step: int  # the run's optim_step count now (the server's, checkpoints included)
+    rewindable: int  # how many more can be undone
+    type: Literal["rewind"] = "rewind"
 
 
 class SaveWeightsResponse(StrictBase):

@@ -70,6 +70,15 @@ builds the same shapes through them).
     unload_model             {model_id}                       -> {model_id} (frees the run's
                                                                  adapter and optimizer state;
                                                                  its checkpoints stay)
+    rewind                   {model_id, steps}                -> {model_id, steps, step,
+                                                                  rewindable}
+                             (workbench only: undoes the run's last `steps` optim_steps,
+                             weights and AdamW state bit for bit, gradients accumulated
+                             since discarded; queued in order with the run's other work.
+                             `step`: the run's optim_step count now; `rewindable`: how many
+                             more can be undone. Beyond the server's --rewind-depth, or
+                             what the run has taken since its creation or last load: an
+                             InvalidRequestError that changes nothing)
     create_sampling_session  {model_path | base_model, session_id}
                                                               -> {sampler_id, base_model}
     sample                   {sampler_id, prompt, num_samples, sampling_params,

@@ -118,6 +118,8 @@ class StepPanel:
         self.fb_button = button("forward_backward", "wb-fb", lambda: self.enqueue("forward_backward"))
         self.optim_button = button("optim_step", "wb-optim", lambda: self.enqueue("optim_step"))
         self.step_button = button("step", "wb-step", lambda: self.enqueue("step"))
+        # Rewinds the run's last optim_step (TrainingClient.rewind); the step count follows.
+        self.undo_button = button("undo", "wb-undo", lambda: self.enqueue("undo"))
         if not 1 <= int(run_n) <= 100000:
             raise ValueError(f"run_n must be in 1..100000, got {run_n}")
         self.detached = False
@@ -128,8 +130,8 @@ class StepPanel:
         self.info = w.HTML()
         self.info.add_class("wb-step-panel-info")
         self.widget = w.VBox([
-            w.HBox([self.fb_button, self.optim_button, self.step_button, self.run_count,
-                    self.run_button, self.pause_button, self.lr]),
+            w.HBox([self.fb_button, self.optim_button, self.step_button, self.undo_button,
+                    self.run_count, self.run_button, self.pause_button, self.lr]),
             self.info,
         ])
         self.widget.add_class("wb-step-panel")
@@ -144,8 +146,9 @@ class StepPanel:
     # ---------------------------------------------------------------- commands
 
     def enqueue(self, command: str, *args: Any) -> None:
-        """Queue a command for the worker: forward_backward, optim_step, step, run N, stop."""
-        if command not in ("forward_backward", "optim_step", "step", "run"):
+        """Queue a command for the worker: forward_backward, optim_step, step, undo (rewind
+        the last optim_step), run N."""
+        if command not in ("forward_backward", "optim_step", "step", "undo", "run"):
             raise ValueError(f"unknown step-panel command {command!r}")
         if self.detached:
             raise RuntimeError(f"this step panel is {self.status}: make a new one with %tinker step")
@@ -200,6 +203,8 @@ class StepPanel:
             self._track(self._optim()).result()
         elif command == "step":
             self._one_step()
+        elif command == "undo":
+            self._track(self.client.rewind(1)).result()
         else:
             total = int(args[0])
             for i in range(total):

@@ -58,7 +58,8 @@ class Adapter:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of its state by a stable name: weights `w<i>`, gradients `g<i>`, AdamW
-        state `s<i>.<key>` (i = index in `parameters()`)."""
+        state `s<i>.<key>` (i = index in `parameters()`), and the host tensors of its rewind
+        snapshots `r<k>.<name>` (k = index in the history)."""
         out: dict[str, torch.Tensor] = {}
         state = self.optimizer.optimizer.state if self.optimizer is not None else {}
         for i, t in enumerate(self.parameters()):
@@ -68,6 +69,8 @@ class Adapter:
             for key, value in state.get(t, {}).items():
                 if torch.is_tensor(value):
                     out[f"s{i}.{key}"] = value
+        for k, snap in enumerate(self.optimizer.history if self.optimizer is not None else ()):
+            out.update((f"r{k}.{name}", t) for name, t in snap.tensors.items())
         return out
 
     def move_to(self, device: torch.device) -> None:
@@ -124,6 +127,7 @@ class Engine:
         max_decode_rows: int = 1024,
         max_host_adapters: Optional[int] = None,
         spill_dir: Optional[str] = None,
+        rewind_depth: int = 0,
     ):
         """`lora_impl`: "grouped" (all adapters in one grouped matmul per factor), "loop" (one
         matmul pair per adapter span) or "auto" (chosen per pass: grouped on CUDA; on a CPU
@@ -148,9 +152,16 @@ class Engine:
         `max_host_adapters`: beyond this many adapters parked on the offload device, the
         least recently parked ones spill to files in `spill_dir` (weights, gradients, AdamW
         state; safetensors) and free their memory until next used. None = no limit.
+
+        `rewind_depth`: each trainable adapter keeps host copies of its state before each of
+        its last this many optim_steps, for `rewind` (optim.Snapshot: 12 bytes per LoRA
+        parameter each). Parking leaves them in host memory; spilling writes them to the
+        adapter's spill file with the rest of its state; a new state (load) starts none.
         """
         if max_host_adapters is not None and (max_host_adapters < 0 or spill_dir is None):
             raise ValueError("max_host_adapters needs a spill_dir and must be >= 0")
+        if rewind_depth < 0:
+            raise ValueError(f"rewind_depth must be >= 0, got {rewind_depth}")
         if max_resident_adapters is not None and max_resident_adapters < 1:
             raise ValueError(f"max_resident_adapters must be >= 1 or None, got {max_resident_adapters}")
         self.device = resolve_device(device)
@@ -160,6 +171,7 @@ class Engine:
         self.attention = resolve_attention(attention, self.device)
         self.row_length = row_length
         self.max_decode_rows = max_decode_rows
+        self.rewind_depth = rewind_depth
         self.max_host_adapters = max_host_adapters
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._parked: OrderedDict[str, None] = OrderedDict()  # on the offload device, oldest first
@@ -227,7 +239,7 @@ class Engine:
         self._next_slot += 1
         adapter = Adapter(adapter_id, base_name, config, slot, pairs, trainable)
         if trainable:
-            adapter.optimizer = AdapterOptimizer(adapter.parameters())
+            adapter.optimizer = AdapterOptimizer(adapter.parameters(), self.rewind_depth)
         for name, pair in pairs.items():
             base.lora_layers[name].add_adapter(slot, pair)
         self.adapters[adapter_id] = adapter
@@ -286,13 +298,13 @@ class Engine:
 
     def _unspill(self, adapter_id: str) -> None:
         """Read a spilled adapter's state back, onto the compute device (AdamW's `step`
-        counters stay on the host, as torch keeps them)."""
+        counters stay on the host, as torch keeps them, and so do rewind snapshots)."""
         from safetensors.torch import load_file
 
         path = self._spilled.pop(adapter_id)
         saved = load_file(str(path))
         for name, t in self.adapters[adapter_id].state_tensors().items():
-            t.data = saved[name].to("cpu" if name.endswith(".step") else self.device)
+            t.data = saved[name].to("cpu" if name.endswith(".step") or name[0] == "r" else self.device)
         path.unlink(missing_ok=True)
 
     def _use(self, adapter_ids) -> None:
@@ -551,6 +563,26 @@ class Engine:
         for i, metrics in zip(valid, step_adapters(batch)):
             results[i] = metrics
         return results
+
+    def rewind(self, adapter_id: str, steps: int) -> dict[str, int]:
+        """Undo the adapter's last `steps` optim_steps (AdapterOptimizer.rewind: weights, AdamW
+        state and step count exactly as before them, gradients discarded). EngineInputError,
+        changing nothing, beyond what its history holds (`rewindable`)."""
+        available = self.rewindable(adapter_id)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= available:
+            raise EngineInputError(f"adapter {adapter_id!r} cannot rewind {steps!r} optim_steps: "
+                                   f"{available} can be undone", "steps")
+        self._use([adapter_id])  # a spilled adapter's snapshots come back with it
+        optimizer = self.adapters[adapter_id].optimizer
+        optimizer.rewind(steps)
+        return {"steps": steps, "step": optimizer.steps, "rewindable": len(optimizer.history)}
+
+    def rewindable(self, adapter_id: str) -> int:
+        """How many optim_steps of a trainable adapter `rewind` can undo now."""
+        adapter = self.adapter(adapter_id)
+        if adapter.optimizer is None:
+            raise EngineInputError(f"adapter {adapter_id!r} is not trainable")
+        return len(adapter.optimizer.history)
 
     def sample(self, base_name: str, requests: list[SampleRequest]) -> list[list[SampleOutput]]:
         """Generate for every request in one batch; each request's slot picks its adapter.

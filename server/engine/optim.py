@@ -12,12 +12,21 @@ On CPU the kernel is torch's fused AdamW (one vectorised pass per tensor: about 
 than foreach there, which loops a dozen ops per tensor); elsewhere foreach, whose state
 layout (`step` on the host) is what torch.optim.AdamW keeps by default. Both are elementwise
 per tensor, so an adapter's result never depends on which adapters step beside it.
+
+Rewind: with a `rewind_depth`, each adapter keeps host (CPU) copies of its state before each
+of its last `rewind_depth` accepted steps (`Snapshot`: weights, AdamW moments and step
+counters, the param group's hyperparameters, the step count), so `rewind(k)` puts it back
+exactly, bit for bit, as it was before its last k steps. One snapshot costs 12 bytes per LoRA
+parameter (fp32 weights + both moments; 4 before the adapter's first step). A refused step
+(below) takes no snapshot's place in the history.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -26,11 +35,22 @@ from torch.optim.adam import adam as adam_kernel
 from .errors import EngineInputError
 
 
+@dataclass
+class Snapshot:
+    """An adapter's state before one optim_step, on the host: what undoing that step needs."""
+
+    tensors: dict[str, torch.Tensor]  # "w<i>": weights of params[i], "s<i>.<key>": its AdamW state
+    steps: int  # AdapterOptimizer.steps
+    group: dict  # the param group's hyperparameters (lr, betas, ...): checkpoints store them
+
+
 class AdapterOptimizer:
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], rewind_depth: int = 0):
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=0.0)  # the state holder
         self.steps = 0
+        # The state before each of the last `rewind_depth` steps, oldest first.
+        self.history: deque[Snapshot] = deque(maxlen=max(0, int(rewind_depth)))
 
     def step(self, adam: Mapping[str, float]) -> dict[str, float]:
         return step_adapters([(self, adam)])[0]
@@ -48,6 +68,45 @@ class AdapterOptimizer:
         # both adapters step the same moments and step counter in place.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.steps = int(state["steps"])
+        self.history.clear()  # another state: the steps before it cannot be undone
+
+    def snapshot(self) -> Snapshot:
+        """Copies, on the host, of everything a step changes."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, p in enumerate(self.params):
+            tensors[f"w{i}"] = p.detach().to("cpu", copy=True)
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"s{i}.{key}"] = value.detach().to("cpu", copy=True)
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        return Snapshot(tensors, self.steps, copy.deepcopy(group))
+
+    def rewind(self, steps: int) -> None:
+        """Undo the last `steps` steps (1 <= steps <= len(history)): weights, moments, step
+        counters and hyperparameters as they were before them, bit for bit; the accumulated
+        gradients are discarded. The params must hold their data (not spilled)."""
+        if not 1 <= steps <= len(self.history):
+            raise EngineInputError(f"cannot rewind {steps} optim_steps: {len(self.history)} can be undone",
+                                   "steps")
+        for _ in range(steps - 1):
+            self.history.pop()
+        snap = self.history.pop()
+        saved: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+        for name, t in snap.tensors.items():
+            if name[0] == "s":
+                index, key = name[1:].split(".", 1)
+                saved[int(index)][key] = t
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(snap.tensors[f"w{i}"])
+                if saved[i]:  # copies: the kernel updates moments in place (`step` stays on the host)
+                    self.optimizer.state[p] = {key: t.to("cpu" if key == "step" else p.device, copy=True)
+                                               for key, t in saved[i].items()}
+                else:
+                    self.optimizer.state.pop(p, None)
+        self.optimizer.param_groups[0].update(copy.deepcopy(snap.group))
+        self.steps = snap.steps
+        self.zero_grad()
 
     def _moments(self, params: list[torch.Tensor]) -> tuple[list, list, list]:
         """(exp_avg, exp_avg_sq, step) of each param, created as torch.optim.AdamW does."""
@@ -80,7 +139,10 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
     was (weights, moments, step count); its gradients are discarded so the run can go on:
     gradients whose norm is not finite are refused before stepping, and an adapter whose
     weights or moments come out of the step non-finite (an overflowing learning rate or
-    weight decay) gets its pre-step state back.
+    weight decay) gets its pre-step state back (from device copies of the stepped tensors).
+
+    An adapter with a rewind history gets a host snapshot of its whole state taken before
+    its step (before its first moments are created), kept only when the step is accepted.
     """
     if len({id(opt) for opt, _ in batch}) != len(batch):
         raise ValueError("step_adapters got the same adapter twice")
@@ -102,6 +164,8 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
         clip = float(adam.get("grad_clip_norm", 0.0))
         if params and clip > 0 and i not in refused:  # torch.nn.utils.clip_grad_norm_'s coefficient, exactly
             torch._foreach_mul_([p.grad for p in params], torch.clamp(clip / (norms[i] + 1e-6), max=1.0))
+    snapshots = {i: opt.snapshot() for i, (opt, _) in enumerate(batch)
+                 if i not in refused and opt.history.maxlen}  # for rewind
     groups: dict[tuple, list[int]] = {}
     live: dict[int, list[torch.Tensor]] = {}  # each stepped adapter's weights, moments, step counts
     saved: dict[int, list[torch.Tensor]] = {}  # the same before the step, to undo it
@@ -148,6 +212,8 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
                 f"optim_step refused: {refused[i]}; the adapter's weights and optimizer state are "
                 "unchanged and its accumulated gradients were discarded", "adam_params"))
             continue
+        if i in snapshots:
+            opt.history.append(snapshots[i])  # the oldest goes beyond rewind_depth
         opt._record(batch[i][1])
         opt.steps += 1
         metrics.append({"grad_norm:mean": host_norms[i], "step:max": float(opt.steps)})
