@@ -24,6 +24,8 @@ TRAINED_RGB = (34, 160, 70)
 NEGATIVE_RGB = (210, 50, 50)
 MASKED_TEXT = "#8a8a8a"
 SPECIAL_BORDER = "1px dashed #7a5cc7"
+AMBER_RGB = (235, 175, 40)  # probability 1/2 in prob_colour (red 0 -> amber -> green 1)
+DIVERGE_COLOUR = "#1f4fd1"  # the ring on the token where two generations first differ
 BASE_STYLE = "white-space:pre-wrap;font-family:monospace;padding:0 1px;border-radius:2px;"
 
 
@@ -138,6 +140,19 @@ def diff_style(delta: Optional[float], scale: float) -> str:
     return f"background:{_rgba(rgb, 0.08 + 0.8 * min(abs(delta) / scale, 1.0))};"
 
 
+def prob_colour(logprob: float, alpha: float = 1.0) -> str:
+    """Green for a likely token (probability near 1), amber around 1/2, red near 0."""
+    p = math.exp(min(float(logprob), 0.0))
+    lo, hi = (NEGATIVE_RGB, AMBER_RGB) if p < 0.5 else (AMBER_RGB, TRAINED_RGB)
+    t = p / 0.5 if p < 0.5 else (p - 0.5) / 0.5
+    return _rgba(tuple(round(l + t * (h - l)) for l, h in zip(lo, hi)), alpha)  # type: ignore[arg-type]
+
+
+def pair_style(lp_a: float, lp_b: float) -> str:
+    """A token scored by two models: fill = its probability under A, underline = under B."""
+    return f"background-color:{prob_colour(lp_a, 0.4)};border-bottom:3px solid {prob_colour(lp_b)};"
+
+
 def _visible(text: str, special: bool) -> str:
     """Escaped token text with whitespace made visible; special tokens shown by name."""
     if special:
@@ -160,10 +175,14 @@ def _title(row: TokenRow, extra: str = "") -> str:
     return html.escape(" | ".join(parts) + extra, quote=True)
 
 
-def _span(row: TokenRow, style: str, extra_title: str = "", cls: str = "wb-token") -> str:
+def _span(row: TokenRow, style: str, extra_title: str = "", cls: str = "wb-token",
+          title: Optional[str] = None) -> str:
+    """One token's span; `title` (already escaped) replaces the default hover text. The special
+    token border comes before `style`, so a style's own border side (an underline) wins."""
     border = f"border:{SPECIAL_BORDER};" if row.special else ""
-    return (f'<span class="{cls}" data-id="{row.id}" style="{BASE_STYLE}{style}{border}" '
-            f'title="{_title(row, extra_title)}">{_visible(row.text, row.special)}</span>')
+    title = _title(row, extra_title) if title is None else title
+    return (f'<span class="{cls}" data-id="{row.id}" style="{BASE_STYLE}{border}{style}" '
+            f'title="{title}">{_visible(row.text, row.special)}</span>')
 
 
 # ------------------------------------------------------------------------------ HTML
@@ -192,6 +211,36 @@ def tokens_html(rows: Sequence[TokenRow], mode: str = "weights",
     else:
         spans = [_span(r, weight_style(r.weight)) for r in rows]
     return f'<div class="wb-tokens" data-mode="{mode}" style="line-height:1.8">{"".join(spans)}</div>'
+
+
+def pair_tokens_html(rows: Sequence[TokenRow], lp_a: Sequence[float], lp_b: Sequence[float],
+                     labels: tuple[str, str] = ("A", "B"), mark_at: Optional[int] = None) -> str:
+    """Token spans scored by two models: the fill is the token's probability under model A,
+    the underline under model B (`pair_style`). The token at `mark_at` (where two generations
+    first differ) is ringed and has class `wb-diverge`. Hover: both logprobs and A - B."""
+    if len(lp_a) != len(rows) or len(lp_b) != len(rows):
+        raise ValueError(f"{len(rows)} tokens but {len(lp_a)} logprobs under A and {len(lp_b)} under B")
+    spans = []
+    for i, (row, a, b) in enumerate(zip(rows, lp_a, lp_b)):
+        marked = i == mark_at
+        parts = [f"#{i}", f"id {row.id}", f"text {row.text!r}", f"logprob {labels[0]} {_fmt(a)}",
+                 f"logprob {labels[1]} {_fmt(b)}", f"{labels[0]} - {labels[1]} {_fmt(a - b)}"]
+        parts += ["first divergence"] * marked + ["special token"] * row.special
+        style = pair_style(a, b) + (f"box-shadow:0 0 0 2px {DIVERGE_COLOUR};" if marked else "")
+        spans.append(_span(row, style, cls="wb-token wb-diverge" if marked else "wb-token",
+                           title=html.escape(" | ".join(parts), quote=True)))
+    return f'<div class="wb-tokens" data-mode="pair" style="line-height:2">{"".join(spans)}</div>'
+
+
+def pair_legend_html(labels: tuple[str, str] = ("A", "B")) -> str:
+    swatch = '<span style="{}padding:0 4px;margin-right:8px">{}</span>'
+    a, b = (html.escape(label) for label in labels)
+    items = [(pair_style(0.0, 0.0), f"likely under {a} (fill) and {b} (underline)"),
+             (pair_style(-5.0, -5.0), "unlikely under both"),
+             (pair_style(0.0, -5.0), f"likely under {a}, not under {b}"),
+             (f"box-shadow:0 0 0 2px {DIVERGE_COLOUR};", "first divergence")]
+    return '<div class="wb-legend" style="font-size:85%">' + "".join(
+        swatch.format(style, label) for style, label in items) + "</div>"
 
 
 def legend_html(mode: str = "weights") -> str:

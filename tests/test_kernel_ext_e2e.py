@@ -1,8 +1,9 @@
 """End to end in a real JupyterLab in headless Chromium, against a real local server.
 
 A notebook loads the extension, watches a training client, trains a few steps, inspects a
-datum and opens the step panel; the test asserts that the loss plot, the token inspector and
-the step panel render inside `.jp-OutputArea-output`, clicks "step" and sees the step counter
+datum, compares the run with its base model and opens the step panel; the test asserts that
+the loss plot, the token inspector, the comparison and the step panel render inside
+`.jp-OutputArea-output`, clicks "step" and sees the step counter
 advance, and saves a screenshot (to $WB_ARTIFACTS if set, else the test's tmp dir).
 
 Needs Debian's chromium (/usr/bin/chromium, `apt-get install -y chromium`) and Playwright
@@ -53,6 +54,7 @@ CELLS = [
     "    tc.forward_backward(data, 'cross_entropy')\n"
     "    tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()",
     "%tinker inspect data --client tc",
+    "%tinker compare tc base --prompts \"['the sky is']\" --max-tokens 6 --temperature 0",
     "%tinker step tc --batches batches --lr 0.01",
 ]
 
@@ -136,6 +138,10 @@ def test_notebook_widgets_render_and_step_advances(lab, tmp_path):
             # The loss plot (plotly renders an SVG per trace group), the token inspector, the panel.
             page.wait_for_selector(f"{out} .js-plotly-plot .scatterlayer .trace", timeout=60_000)
             page.wait_for_selector(f"{out} .wb-token-inspector .wb-token", timeout=60_000)
+            # The side-by-side view: static HTML, each token's hover naming both models' logprobs.
+            page.wait_for_selector(f"{out} .wb-compare .wb-compare-pair .wb-token", timeout=60_000)
+            title = page.locator(f"{out} .wb-compare .wb-token").first.get_attribute("title")
+            assert "logprob A" in title and "logprob B" in title
             count = page.locator(f"{out} .wb-step-count")
             page.wait_for_function(
                 "() => { const e = document.querySelector('.jp-OutputArea-output .wb-step-count');"
