@@ -21,7 +21,15 @@ Views
   %tinker watch VAR [VAR ...] [--metric M] [--smoothing S]
         live loss curve of training clients (forward_backward = training points, forward =
         eval points); several runs share one figure; at most 4 redraws a second, curves
-        downsampled to ~2k points. Returns the LossCurve.
+        downsampled to ~2k points. Above the figure: each run's base model, LoRA rank,
+        trainable parameters and server, and a slider for the EMA smoothing (--smoothing,
+        0 = raw). Returns the LossCurve.
+  %tinker plot PATH [PATH ...] [--metric NAME ...] [--smoothing S]
+        compare 1-4 finished (or running) runs from their metrics.jsonl files (the recipes'
+        and the tinker-cookbook's: one JSON object per line, `step` and metric keys); PATH:
+        a metrics.jsonl or a directory holding one. One panel per metric (default: the
+        reward, else the loss), one colour per run: raw values faint, EMA-smoothed bold, with
+        a smoothing slider (--smoothing, default 0.6). Returns the MetricsPlot.
   %tinker inspect EXPR [--renderer NAME] [--client VAR] [--tokenizer VAR] [--model NAME]
         token view of a Datum, a list of Datums, or a conversation (list of {role, content})
         built with renderer NAME. Colours: trained green, masked grey, negative weight red;
@@ -36,16 +44,33 @@ Views
         undo the last N (default 1) optim_steps of training client VAR (TrainingClient.rewind):
         weights and optimizer state exactly as before them, gradients since discarded. The
         server keeps a few steps (its --rewind-depth); asking for more changes nothing.
-  %tinker rollouts [EXPR] [--tokenizer VAR]
+  %tinker rollouts [EXPR] [--tokenizer VAR] [--kl-threshold X]
         RL rollout dashboard: groups -> samples with reward, advantage and a per-token
         logprob strip; zero-variance groups flagged. EXPR: a list of groups (or an iterator,
-        consumed in the background); feed more with ``dash.add_group(g)``.
+        consumed in the background); feed more with ``dash.extend(groups, step=i)`` or
+        ``dash.add_group(g)``. Click a bar of the reward histogram to list only the samples
+        in that reward bin, a step of the per-step reward (or KL) chart to list that step's
+        groups ("clear" undoes; ``dash.filter_reward(lo, hi)``, ``dash.show_step(i)``,
+        ``dash.clear_filter()``). Sampler-vs-trainer KL per step, from samples carrying
+        `trainer_logprobs` or ``dash.add_kl(step, workbench.rl.sampler_trainer_kl(batch,
+        fb_output))``; a warning banner when |KL| > X (default 0.01).
   %tinker monitor
         live server view from its event stream: tenants, tokens, seconds per cycle, queue.
   %tinker sample VAR "prompt" [--n N] [--max-tokens M] [--temperature T] [--seed S]
                 [--chat] [--renderer NAME]
         sample from a SamplingClient (or a TrainingClient's current weights); completions
         shown with per-token logprobs. Returns the SampleResponse view.
+  %tinker compare A B --prompts EXPR [--max-tokens M] [--temperature T] [--seed S]
+                [--chat] [--renderer NAME] [--tokenizer VAR]
+        the same prompts, with the same seed (drawn if not given), through two models;
+        generations side by side, every token coloured by its probability under both (fill:
+        A, underline: B; hover shows both logprobs), the first token where they differ ringed.
+        A, B: a SamplingClient, a TrainingClient (its current weights), a checkpoint path
+        (wb://... or tinker://..., or a variable holding one), or `base`: the base model of
+        the other side (``%tinker compare tc base --prompts qs --chat``: SFT before/after).
+        EXPR: a string, or a list of strings / ModelInputs / token lists; --chat asks each
+        string as a user turn through the renderer (as sample --chat). Returns a CompareView
+        (`.comparisons[i]`: prompt, `.a` / `.b` with tokens, lp_a, lp_b, text; divergence).
 
 As a cell magic, ``%%tinker sample VAR [options]`` takes the prompt from the cell body.
 Widgets fall back to HTML snapshots and text where they cannot render (terminals,
@@ -106,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("clients", nargs="+")
     p.add_argument("--metric", default="loss:sum")
     p.add_argument("--smoothing", type=float, default=0.9)
+    p = sub.add_parser("plot", add_help=False)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--metric", dest="metrics", action="extend", nargs="+", default=[])
+    p.add_argument("--smoothing", type=float, default=0.6)
     p = sub.add_parser("inspect", add_help=False)
     p.add_argument("expr")
     p.add_argument("--renderer")
@@ -124,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollouts", add_help=False)
     p.add_argument("expr", nargs="?")
     p.add_argument("--tokenizer")
+    p.add_argument("--kl-threshold", type=float, default=1e-2)
     p = sub.add_parser("sample", add_help=False)
     p.add_argument("client")
     p.add_argument("prompt", nargs="?")
@@ -133,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--renderer")
+    p = sub.add_parser("compare", add_help=False)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--renderer")
+    p.add_argument("--tokenizer")
     return parser
 
 
@@ -321,6 +361,21 @@ class TinkerMagics(Magics):
             curve.attach(client, name=name)
         return self._keep(curve)
 
+    def _cmd_plot(self, args: argparse.Namespace) -> Any:
+        from .widgets.metrics_plot import MAX_RUNS, MetricsPlot, load_metrics, run_names
+
+        if len(args.paths) > MAX_RUNS:
+            raise UsageError(f"%tinker plot: at most {MAX_RUNS} runs at a time, got {len(args.paths)}")
+        names = run_names(args.paths)
+        if len(set(names)) < len(names):
+            raise UsageError(f"%tinker plot: a run is named twice: {' '.join(args.paths)}")
+        try:
+            runs = {name: load_metrics(path) for name, path in zip(names, args.paths)}
+            plot = MetricsPlot(runs, args.metrics, smoothing=args.smoothing, sources=dict(zip(names, args.paths)))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"%tinker plot: {exc}") from None
+        return self._keep(plot)
+
     def _tokenizer_var(self, expr: str) -> Any:
         """A tokenizer from --tokenizer VAR: a tokenizer, or a client that has one."""
         tok = self._value(expr, "tokenizer")
@@ -406,7 +461,10 @@ class TinkerMagics(Magics):
         from .widgets.rollouts import groups_from
 
         tokenizer = self._tokenizer_var(args.tokenizer) if args.tokenizer else None
-        dash = RolloutDashboard(tokenizer)
+        try:
+            dash = RolloutDashboard(tokenizer, kl_threshold=args.kl_threshold)
+        except ValueError as exc:
+            raise UsageError(f"%tinker rollouts: {exc}") from None
         if args.expr:
             value = self._value(args.expr, "rollout groups")
             try:
@@ -431,7 +489,7 @@ class TinkerMagics(Magics):
         return self.session.monitor
 
     @staticmethod
-    def _chat_renderer(name: Optional[str], client: Any, tokenizer: Any) -> Any:
+    def _chat_renderer(name: Optional[str], client: Any, tokenizer: Any, command: str = "sample") -> Any:
         """The renderer NAME, or the one recommended for the client's base model."""
         from workbench.renderers import get_recommended_renderer_name, get_renderer
 
@@ -439,7 +497,7 @@ class TinkerMagics(Magics):
             name = name or get_recommended_renderer_name(getattr(client, "base_model", ""))
             return get_renderer(name, tokenizer)
         except (KeyError, ValueError) as exc:
-            raise UsageError(f"%tinker sample --chat: {exc} (name one with --renderer)") from None
+            raise UsageError(f"%tinker {command} --chat: {exc} (name one with --renderer)") from None
 
     def _cmd_sample(self, args: argparse.Namespace) -> Any:
         from workbench import types
@@ -465,3 +523,62 @@ class TinkerMagics(Magics):
                                       stop=stop)
         response = client.sample(model_input, args.n, params).result()
         return SampleView(args.prompt, response, tokenizer)
+
+    def _compare_side(self, spec: str, side: str) -> Any:
+        """One side of compare as a sampling client: a checkpoint path (or a variable holding
+        one), a SamplingClient, or a TrainingClient's current weights."""
+        from workbench.errors import WorkbenchError
+
+        value = spec if spec.startswith(("wb://", "tinker://")) else self._value(spec, f"side {side}")
+        try:
+            if isinstance(value, str):
+                return self._service().create_sampling_client(model_path=value)
+            if hasattr(value, "save_weights_and_get_sampling_client"):
+                return value.save_weights_and_get_sampling_client()
+        except (WorkbenchError, ValueError) as exc:
+            raise UsageError(f"%tinker compare: side {side} ({spec}): {exc}") from None
+        if not (hasattr(value, "sample") and hasattr(value, "compute_logprobs")):
+            raise UsageError(f"%tinker compare: side {side} ({spec}) is a {type(value).__name__}; expected a "
+                             "SamplingClient, a TrainingClient, a checkpoint path or `base`")
+        return value
+
+    def _cmd_compare(self, args: argparse.Namespace) -> Any:
+        from workbench import types
+        from workbench.errors import WorkbenchError
+
+        from .compare_view import compare, prompts_from
+
+        if args.a == "base" and args.b == "base":
+            raise UsageError("%tinker compare: both sides are `base`; `base` is the base model of the other "
+                             "side, so name a client or a checkpoint for one of them")
+        service = self._service()
+        a = None if args.a == "base" else self._compare_side(args.a, "A")
+        b = None if args.b == "base" else self._compare_side(args.b, "B")
+        labels = [args.a, args.b]
+        if a is None or b is None:
+            other = b if a is None else a
+            try:
+                base = service.create_sampling_client(base_model=other.base_model)
+            except WorkbenchError as exc:
+                raise UsageError(f"%tinker compare: base model {other.base_model}: {exc}") from None
+            labels[0 if a is None else 1] = f"base ({other.base_model})"
+            a, b = (base, b) if a is None else (a, base)
+        tokenizer = self._tokenizer_var(args.tokenizer) if args.tokenizer else a.get_tokenizer()
+        if a.base_model != b.base_model and not args.tokenizer and _vocab(tokenizer) != _vocab(b.get_tokenizer()):
+            raise UsageError(f"%tinker compare: A ({a.base_model}) and B ({b.base_model}) have different "
+                             "tokenizers; a token-by-token comparison needs one vocabulary")
+        renderer = self._chat_renderer(args.renderer, a, tokenizer, "compare") if args.chat or args.renderer else None
+        try:
+            prompts, texts = prompts_from(self._value(args.prompts, "prompts"), tokenizer, renderer)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"%tinker compare --prompts {args.prompts}: {exc}") from None
+        params = types.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                                      stop=renderer.get_stop_sequences() if renderer is not None else None)
+        try:
+            return compare(a, b, prompts, params, (labels[0], labels[1]), texts, tokenizer)
+        except WorkbenchError as exc:
+            raise UsageError(f"%tinker compare: {exc}") from None
+
+
+def _vocab(tokenizer: Any) -> Any:
+    return tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None

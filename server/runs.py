@@ -173,8 +173,10 @@ class Runs:
 
     def _created(self, run_id: str) -> dict:
         run = self.runs[run_id]
+        pairs = self.engine.adapter(run_id).pairs.values()
         return {"model_id": run_id, "base_model": run.base_model, "rank": run.config.rank,
-                "arch": self.engine.bases[run.base_model].arch}
+                "arch": self.engine.bases[run.base_model].arch,
+                "trainable_parameters": sum(p.lora_A.numel() + p.lora_B.numel() for p in pairs)}
 
     def create_sampler(self, tenant: str, args: dict) -> dict:
         sampler_id = "sampler-" + secrets.token_hex(6)

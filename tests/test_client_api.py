@@ -155,6 +155,20 @@ def test_submission_order_preserved_end_to_end(service):
     assert forwards[0] > forwards[1] > forwards[2]  # each optim_step took effect in order
 
 
+def test_trainable_parameters_come_with_the_run(service):
+    """The server counts a run's LoRA entries at creation: rank x (in + out) summed over the
+    adapted layers, so linear in rank and additive over the attn / mlp / unembed groups."""
+    def count(rank=4, **groups):
+        return service.create_lora_training_client(BASE, rank=rank, seed=0, **groups).trainable_parameters
+
+    full = count()
+    assert full > 0 and count(rank=8) == 2 * full
+    only = dict(train_attn=False, train_mlp=False, train_unembed=False)
+    assert sum(count(**{**only, g: True}) for g in only) == full
+    saved = service.create_lora_training_client(BASE, rank=4, seed=0).save_state("count").result(60).path
+    assert service.create_training_client_from_state(saved).trainable_parameters == full
+
+
 def test_listeners_see_step_kind_metrics(service):
     rng = np.random.default_rng(2)
     data = [rand_datum(rng, 6)]

@@ -45,7 +45,7 @@ def test_help_documents_every_subcommand(ip):
     doc = ip.find_line_magic("tinker").__doc__
     assert doc == magics.__doc__
     for name in ("start", "stop", "connect", "status", "models", "runs", "checkpoints", "watch",
-                 "inspect", "step", "rewind", "rollouts", "monitor", "sample"):
+                 "inspect", "step", "rewind", "rollouts", "monitor", "sample", "plot"):
         assert f"%tinker {name}" in doc, name
 
 
@@ -89,6 +89,11 @@ def test_watch_draws_a_real_training_run(ip, training):
     assert list(raw.x) == [0.0, 1.0, 2.0] and raw.y[-1] == pytest.approx(expected)
     assert raw.y[-1] < raw.y[0]  # it learns
     assert list(evals.x) == [3.0]
+    # Above the figure: the run's facts, the server's count of trainable LoRA parameters included.
+    assert f"trainable {training.trainable_parameters:,}" in curve.info.value and training.trainable_parameters > 0
+    assert "base model tiny-qwen3" in curve.info.value and "LoRA rank 4" in curve.info.value
+    assert training._service.base_url in curve.info.value
+    assert curve.slider.value == 0.9 and curve.widget.children[-1] is curve.fig
     curve.close()
 
 

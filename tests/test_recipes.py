@@ -7,6 +7,7 @@ metrics.jsonl rows.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,6 +84,29 @@ def test_task_args_build_the_task_and_bad_ones_are_named():
         common.make_task(sft.Config(task_args="[4]"))
     with pytest.raises(ValueError, match="do not fit task 'recall'.*max_operand"):
         common.make_task(sft.Config(task="recall", task_args='{"max_operand": 4}'))
+
+
+def test_run_info_docstring_examples_hold():
+    import doctest
+
+    from workbench import run_info
+
+    assert doctest.testmod(run_info).failed == 0
+
+
+def test_a_recipe_prints_its_start_banner_and_a_progress_bar(server, tmp_path, capsys):
+    """progress on: one short block of the run's facts on stdout, then a tqdm bar (stderr)
+    whose postfix carries the step's loss. Two steps of a tiny SFT run keep it cheap."""
+    config = sft.Config(**{**run_kwargs(server, tmp_path, "banner"), "progress": True}, task="recall",
+                        task_args='{"n_keys": 4}', n_train=4, n_test=0, n_steps=2, batch_size=2, lora_rank=4)
+    rows = sft.main(config).metrics
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].startswith("── workbench sft ──")
+    assert lines[1:8] == ["base model  tiny-qwen3", "LoRA rank   4", lines[3], f"server      {server.url}",
+                          "batch size  2", "steps       2", f"log dir     {config.log_dir}"]
+    assert re.fullmatch(r"trainable   [\d,]+ \([\d.]+k\)", lines[3]), lines[3]
+    assert "sft: 100%" in err and f"loss={rows[-1]['train/loss_per_token']:.4g}" in err
 
 
 # ---------------------------------------------------------------------------- SFT
@@ -194,6 +218,12 @@ def test_rl_mean_reward_rises(server, tmp_path, loss_fn, off_by_one, lr):
     assert all("train/constant_groups_dropped" in r for r in rows)
     # The KL penalty's figure is there whenever something was trained on.
     assert all("kl/sampler_reference" in r for r in rows if r["train/datums"])
+    # Sampler vs trainer: step 0 samples from the weights it trains (KL is numerics only);
+    # off by one, later steps train on samples one update stale, which the KL shows.
+    kls = [r["train/kl_sampler_trainer"] for r in rows if r["train/datums"]]
+    print("sampler-trainer KL per step", [f"{k:.2g}" for k in kls])
+    assert rows[0]["train/datums"] and abs(rows[0]["train/kl_sampler_trainer"]) < 1e-4
+    assert max(abs(k) for k in kls[1:]) > 1e-3
 
 
 # ---------------------------------------------------------------------------- DPO

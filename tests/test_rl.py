@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from workbench import types
-from workbench.rl.advantages import add_kl_penalty, compute_advantages, remove_constant_reward_groups
+from workbench.rl.advantages import (
+    add_kl_penalty, compute_advantages, remove_constant_reward_groups, sampler_trainer_kl,
+)
 from workbench.rl.data_processing import (
     assemble_training_data, loss_datums, loss_fn_config, trajectory_to_datums,
 )
@@ -182,11 +184,34 @@ def test_rl_datums_reproduce_sampler_logprobs_and_train_under_every_loss(service
         np.testing.assert_allclose(o["logprobs"].to_numpy()[mask], d.loss_fn_inputs["logprobs"].to_numpy()[mask],
                                    atol=1e-4)
         total_adv += float(d.loss_fn_inputs["advantages"].to_numpy().sum())
+    assert abs(sampler_trainer_kl(data, out)) < 1e-4  # same weights: KL is numerics only
     # ratio 1 everywhere: importance_sampling's loss is -sum(A)
     assert out.metrics["loss:sum"] == pytest.approx(-total_adv, abs=1e-3)
     for loss in ("ppo", "cispo", "dro"):
         out = training.forward(loss_datums(data), loss, loss_fn_config(loss)).result(60)
         assert np.isfinite(out.metrics["loss:sum"])
+
+
+def test_sampler_trainer_kl_is_the_mean_logprob_gap_over_action_tokens():
+    """Two datums (a prompt of 3 tokens then 2 actions; 1 then 1): only action tokens count."""
+    t1 = Trajectory([Transition(MI([1, 2, 3]), TokensWithLogprobs([4, 5], [-1.0, -2.0]), 1.0, True)],
+                    types.ModelInput.empty())
+    t2 = Trajectory([Transition(MI([1]), TokensWithLogprobs([6], [-0.5]), 0.0, True)], types.ModelInput.empty())
+    data = trajectory_to_datums(t1, 0.5) + trajectory_to_datums(t2, -0.5)
+    # Trainer logprobs per target token; prompt positions get values that must not count.
+    trainer = [[-9.0, -9.0, -1.25, -1.5], [-0.25]]
+    fb = types.ForwardBackwardOutput(
+        loss_fn_output_type="importance_sampling", metrics={},
+        loss_fn_outputs=[{"logprobs": types.TensorData.from_numpy(np.array(t, dtype=np.float32))}
+                         for t in trainer])
+    # Action tokens: (-1 - -1.25) + (-2 - -1.5) + (-0.5 - -0.25) = 0.25 - 0.5 - 0.25, over 3 tokens.
+    assert sampler_trainer_kl(data, fb) == pytest.approx(-0.5 / 3)
+    with pytest.raises(ValueError, match="pass the datums before loss_datums"):
+        sampler_trainer_kl(loss_datums(data), fb)
+    with pytest.raises(ValueError, match="2 datums but 1 loss_fn_outputs"):
+        sampler_trainer_kl(data, fb.model_copy(update={"loss_fn_outputs": fb.loss_fn_outputs[:1]}))
+    with pytest.raises(ValueError, match=r"data\[1\]: 1 target tokens but the trainer returned 4"):
+        sampler_trainer_kl(data, fb.model_copy(update={"loss_fn_outputs": fb.loss_fn_outputs[:1] * 2}))
 
 
 def test_kl_penalty_shapes_action_advantages_by_the_logprob_gap(base_sampler):

@@ -131,7 +131,8 @@ class ServiceClient:
             "user_metadata": user_metadata, "session_id": self.session_id,
         }
         reply = self._connection.call("create_model", args).result()
-        return TrainingClient(self, reply["model_id"], base_model, int(rank), reply.get("arch", ""))
+        return TrainingClient(self, reply["model_id"], base_model, int(rank), reply.get("arch", ""),
+                              reply.get("trainable_parameters"))
 
     def create_training_client_from_state(self, path: str) -> TrainingClient:
         """A new run initialised with a checkpoint's weights (fresh optimizer)."""
@@ -146,7 +147,7 @@ class ServiceClient:
                                                         "optimizer": optimizer,
                                                         "session_id": self.session_id}).result()
         return TrainingClient(self, reply["model_id"], reply["base_model"], int(reply["rank"]),
-                              reply.get("arch", ""))
+                              reply.get("arch", ""), reply.get("trainable_parameters"))
 
     def create_sampling_client(
         self, model_path: Optional[str] = None, base_model: Optional[str] = None

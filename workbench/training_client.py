@@ -28,13 +28,15 @@ def validate_forward(data: Sequence[types.Datum], loss_fn: str, loss_fn_config: 
 
 
 class TrainingClient:
-    def __init__(self, service, model_id: str, base_model: str, lora_rank: int, arch: str = ""):
+    def __init__(self, service, model_id: str, base_model: str, lora_rank: int, arch: str = "",
+                 trainable_parameters: Optional[int] = None):
         self._service = service
         self._connection = service._connection
         self.model_id = model_id
         self.base_model = base_model
         self.lora_rank = lora_rank
         self.arch = arch
+        self.trainable_parameters = trainable_parameters  # LoRA A and B entries (server's count)
         self._listeners: list[Listener] = []
         self._optim_steps = 0
 

@@ -59,7 +59,8 @@ builds the same shapes through them).
                              A session silent for `timeout` ends the same way)
     get_tokenizer            {base_model}                     -> {files: {name: bytes}}
     create_model             {base_model, rank, seed, train_mlp, train_attn, train_unembed,
-                              user_metadata, session_id}      -> {model_id}
+                              user_metadata, session_id}      -> {model_id, base_model, rank,
+                                                                  arch, trainable_parameters}
     forward / forward_backward
                              {model_id, data: [datum], loss_fn, loss_fn_config}
                                                               -> ForwardBackwardOutput

@@ -9,10 +9,11 @@ from workbench.events import EventStream  # the SDK's, re-exported for old impor
 
 from .common import Throttle, downsample, ema
 from .loss_curve import LossCurve
+from .metrics_plot import MetricsPlot
 from .monitor import ServerMonitor
 from .rollouts import RolloutDashboard
 from .step_panel import StepPanel
 from .token_inspector import TokenInspector
 
-__all__ = ["EventStream", "LossCurve", "RolloutDashboard", "ServerMonitor", "StepPanel", "Throttle",
-           "TokenInspector", "downsample", "ema"]
+__all__ = ["EventStream", "LossCurve", "MetricsPlot", "RolloutDashboard", "ServerMonitor", "StepPanel",
+           "Throttle", "TokenInspector", "downsample", "ema"]

@@ -117,6 +117,14 @@ def ema(values: Sequence[float], smoothing: float) -> list[float]:
     return out
 
 
+def smoothing_slider(value: float) -> Any:
+    """The EMA smoothing slider (0 = raw) of the loss curve and `%tinker plot`."""
+    import ipywidgets as w
+
+    return w.FloatSlider(value=value, min=0.0, max=max(0.99, value), step=0.01, description="smoothing",
+                         readout_format=".2f", continuous_update=True)
+
+
 def in_kernel() -> bool:
     """True inside a Jupyter kernel (widgets can render); False in a terminal or test shell."""
     try:

@@ -2,18 +2,25 @@
 
 Fed by `TrainingClient.add_listener`: forward_backward results are training points (raw and
 smoothed), forward results are eval points. Redraws are throttled (at most 4 a second, one
-`batch_update()` message each) and long curves are downsampled to about 2k points.
+`batch_update()` message each) and long curves are downsampled to about 2k points. Above the
+figure: each run's facts (base model, LoRA rank, trainable parameters, server) and a slider
+for the EMA smoothing of the smoothed lines.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from workbench.run_info import run_facts
+
 from .. import render
-from .common import MAX_POINTS, MAX_UPDATES_PER_SECOND, Throttle, downsample, ema, widget_bundle
+from .common import (
+    MAX_POINTS, MAX_UPDATES_PER_SECOND, Throttle, downsample, ema, smoothing_slider, widget_bundle,
+)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class _Run:
     eval_steps: list[float] = field(default_factory=list)
     eval_values: list[float] = field(default_factory=list)
     traces: Optional[tuple[int, int, int]] = None  # raw, smoothed, eval trace indices
+    facts: dict[str, str] = field(default_factory=dict)  # workbench.run_info.run_facts of its client
 
 
 class LossCurve:
@@ -35,6 +43,7 @@ class LossCurve:
 
     def __init__(self, metric: str = "loss:sum", smoothing: float = 0.9, max_points: int = MAX_POINTS,
                  max_updates_per_second: float = MAX_UPDATES_PER_SECOND):
+        import ipywidgets as w
         import plotly.graph_objects as go
 
         ema([], smoothing)  # validates smoothing
@@ -48,7 +57,20 @@ class LossCurve:
             height=320, margin=dict(l=40, r=10, t=30, b=30), title=dict(text=f"{metric} per step"),
             xaxis=dict(title=dict(text="step")), yaxis=dict(title=dict(text=metric)),
         ))
+        self.info = w.HTML()
+        self.info.add_class("wb-run-info")
+        self.slider = smoothing_slider(smoothing)
+        self.slider.observe(lambda change: self.set_smoothing(change["new"]), names="value")
+        self.widget = w.VBox([self.info, self.slider, self.fig])
         self.throttle = Throttle(self._redraw, max_updates_per_second)
+
+    def set_smoothing(self, smoothing: float) -> None:
+        """Redraw the smoothed lines with this EMA smoothing (what the slider calls)."""
+        ema([], smoothing)
+        self.smoothing = smoothing
+        if self.slider.value != smoothing:
+            self.slider.value = smoothing  # its observer calls back here with the same value
+        self.throttle.flush_now()
 
     # ------------------------------------------------------------------ feeding
 
@@ -58,7 +80,8 @@ class LossCurve:
             raise TypeError(f"cannot watch a {type(client).__name__}: it has no add_listener()")
         name = name or getattr(client, "model_id", None) or f"run {len(self.runs) + 1}"
         with self._lock:
-            self.runs.setdefault(name, _Run(name))
+            self.runs.setdefault(name, _Run(name)).facts = run_facts(client)
+        self.info.value = self.info_html()
 
         def listener(step: int, kind: str, metrics: dict) -> None:
             self.record(name, step, kind, metrics)
@@ -141,8 +164,17 @@ class LossCurve:
                 out[f"{run.name} eval"] = (list(evals[0]), list(evals[1]))
         return out
 
+    def info_html(self) -> str:
+        """One line per attached run: its base model, LoRA rank, trainable parameters, server."""
+        with self._lock:
+            runs = [(run.name, run.facts) for run in self.runs.values() if run.facts]
+        return "".join(
+            f'<div class="wb-run-facts" style="font-family:monospace;font-size:90%"><b>{html.escape(name)}</b> '
+            + " · ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in facts.items()) + "</div>"
+            for name, facts in runs)
+
     def static_html(self) -> str:
-        return render.svg_lines(self.series(), title=f"{self.metric} per step")
+        return self.info_html() + render.svg_lines(self.series(), title=f"{self.metric} per step")
 
     def __repr__(self) -> str:
         lines = [f"LossCurve({self.metric}, {len(self.runs)} run(s))"]
@@ -154,7 +186,7 @@ class LossCurve:
         return "\n".join(lines)
 
     def _repr_mimebundle_(self, **_: Any) -> dict:
-        return widget_bundle(self.fig, repr(self), self.static_html())
+        return widget_bundle(self.widget, repr(self), self.static_html())
 
     def detach(self) -> None:
         """Stop listening, drawing what has arrived: the figure stays on screen, frozen
@@ -171,4 +203,5 @@ class LossCurve:
         """Stop listening and release the FigureWidget (they are not reliably collected)."""
         self.detach()
         self.throttle.cancel()
-        self.fig.close()
+        for widget in (self.info, self.slider, self.fig, self.widget):
+            widget.close()

@@ -41,7 +41,7 @@ class BaseConfig:
     learning_rate: float = 1e-3  # Adam learning rate (LoRA wants ~10x full fine-tuning's)
     load_checkpoint_path: Optional[str] = None  # start from these weights (wb://.../weights/...)
     save_every: int = 0  # save state every N steps (0: only at the end)
-    progress: bool = True  # show a tqdm progress bar
+    progress: bool = True  # print a start banner and show a tqdm progress bar
     renderer_name: Optional[str] = None  # chat renderer; None: the one recommended for base_model
     task: str = "recall"  # synthetic task of workbench.tasks (arithmetic, recall, reverse)
     n_train: int = 64  # training problems drawn from the task
@@ -156,11 +156,47 @@ def _plain(value: Any) -> Any:
 
 
 def progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    """A tqdm bar over `iterable` (the iterable itself when disabled); `show` puts a step's
+    loss / reward on it."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm  # a notebook bar in Jupyter, a text bar in a terminal
 
     return tqdm(iterable, total=total, desc=desc)
+
+
+# Progress-bar postfix: label -> the metric keys that can fill it, first present wins.
+POSTFIX_KEYS = {
+    "loss": ("train/loss_per_token", "loss:sum"),
+    "reward": ("env/reward_mean",),
+    "acc": ("dpo/accuracy",),
+    "kl": ("train/kl_sampler_trainer", "kl/sampler_reference"),
+}
+
+
+def show(bar: Iterable, metrics: dict[str, Any]) -> None:
+    """Put the step's loss / reward / ... (whichever it has) in the bar's postfix."""
+    if not hasattr(bar, "set_postfix"):
+        return  # progress disabled: a plain iterable
+    shown = {}
+    for label, keys in POSTFIX_KEYS.items():
+        key = next((k for k in keys if k in metrics), None)
+        if key is not None:
+            shown[label] = f"{float(metrics[key]):.4g}"
+    bar.set_postfix(shown)
+
+
+def print_banner(training_client, config: BaseConfig, title: str, start: int, **facts: Any) -> None:
+    """The start banner (workbench.run_info): base model, rank, trainable parameters and
+    server, then the recipe's own `facts` (batch size, ...), its steps and log dir. Printed
+    when config.progress is on, like the bar."""
+    from ..run_info import banner, run_facts
+
+    if not config.progress:
+        return
+    n_steps = getattr(config, "n_steps", None)
+    steps = None if n_steps is None else f"{n_steps}" + (f" (resuming at step {start})" if start else "")
+    print(banner(title, run_facts(training_client, **facts, steps=steps, log_dir=config.log_dir)), flush=True)
 
 
 # ---------------------------------------------------------------------- training
@@ -191,8 +227,15 @@ def train_step(training_client, data: Sequence[types.Datum], loss_fn: str, adam:
     Waiting on forward_backward before submitting optim_step would cost a server cycle per
     step. Returns the two calls' metrics merged (loss:sum, ...).
     """
+    return train_step_output(training_client, data, loss_fn, adam, loss_fn_config)[0]
+
+
+def train_step_output(training_client, data: Sequence[types.Datum], loss_fn: str, adam: types.AdamParams,
+                      loss_fn_config: Optional[dict] = None) -> tuple[dict[str, float], Any]:
+    """train_step, also returning forward_backward's output (per datum loss_fn_outputs, e.g.
+    the trainer's logprobs)."""
     fb = training_client.forward_backward(list(data), loss_fn, loss_fn_config)
-    return _await_step(fb, training_client.optim_step(adam))
+    return _await_step(fb, training_client.optim_step(adam)), fb.result()
 
 
 def train_step_custom(training_client, data: Sequence[types.Datum], loss_fn: Callable,

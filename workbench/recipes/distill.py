@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..data import SupervisedDataset, conversation_to_datum
-from ..rl.advantages import add_kl_penalty
+from ..rl.advantages import add_kl_penalty, sampler_trainer_kl
 from ..rl.data_processing import assemble_training_data, loss_datums
 from ..rl.problem_env import ProblemDataset
 from ..rl.rollouts import do_group_rollouts, rollout_metrics
@@ -51,6 +51,10 @@ def main(config: Config) -> common.RecipeResult:
         teacher = service.create_sampling_client(base_model=training.base_model)
     train, _ = common.task_split(config)
     log = common.MetricsLog(config.log_dir, config)
+    common.print_banner(training, config, f"workbench distill ({config.mode})", start,
+                        batch=f"{config.groups_per_batch} prompts x {config.group_size} samples"
+                        if config.mode == "on_policy" else f"{config.groups_per_batch} prompts",
+                        teacher=config.teacher_path or "the base model")
     if config.mode == "off_policy":
         off_policy(training, teacher, renderer, train, config, log, start)
     else:
@@ -63,8 +67,8 @@ def on_policy(training, teacher, renderer, problems, config: Config, log, start:
                              n_batches=config.n_steps, seed=config.seed, tag=config.task)
     params = SamplingParams(max_tokens=config.max_tokens, temperature=1.0)
     adam = AdamParams(learning_rate=config.learning_rate)
-    for step in common.progress(range(start, config.n_steps), config.n_steps - start, "distill",
-                                config.progress):
+    bar = common.progress(range(start, config.n_steps), config.n_steps - start, "distill", config.progress)
+    for step in bar:
         student = training.save_weights_and_get_sampling_client(f"distill-{step:06d}")
         groups = do_group_rollouts(dataset.get_batch(step), student,
                                    common.step_sampling_params(params, config, step))
@@ -73,8 +77,11 @@ def on_policy(training, teacher, renderer, problems, config: Config, log, start:
         data, _ = assemble_training_data(groups, [[0.0] * len(g.trajectories) for g in groups])
         data, kl_metrics = add_kl_penalty(data, teacher, config.kl_coef)
         metrics.update(kl_metrics)
-        metrics.update(common.train_step(training, loss_datums(data), "importance_sampling", adam))
-        log.log(step, metrics)
+        step_metrics, fb_output = common.train_step_output(training, loss_datums(data),
+                                                           "importance_sampling", adam)
+        metrics.update(step_metrics)
+        metrics["train/kl_sampler_trainer"] = sampler_trainer_kl(data, fb_output)
+        common.show(bar, log.log(step, metrics))
         common.maybe_save(training, config, step)
 
 

@@ -110,8 +110,9 @@ def main(config: Config) -> common.RecipeResult:
     # Batches of pair indices, so each pair keeps its reference logprobs.
     batches = SupervisedDataset(list(range(len(train_pairs))), config.pairs_per_batch, seed=config.seed)
     log = common.MetricsLog(config.log_dir, config)
-    for step in common.progress(range(start, config.n_steps), config.n_steps - start, "dpo",
-                                config.progress):
+    common.print_banner(training, config, "workbench dpo", start, pairs_per_batch=config.pairs_per_batch)
+    bar = common.progress(range(start, config.n_steps), config.n_steps - start, "dpo", config.progress)
+    for step in bar:
         # Before the step's update, at steps 0, eval_every, 2 * eval_every, ...; eval_every 0
         # must skip step 0 too (its help says "end only"), leaving the final row at n_steps.
         due = config.eval_every > 0 and step % config.eval_every == 0
@@ -121,7 +122,7 @@ def main(config: Config) -> common.RecipeResult:
         data = [d for i in picked for d in train_pairs[i]]
         loss_fn = dpo_loss_fn([ref_train[i] for i in picked], config.beta)
         metrics = common.train_step_custom(training, data, loss_fn, AdamParams(learning_rate=config.learning_rate))
-        log.log(step, {**evals, **metrics})
+        common.show(bar, log.log(step, {**evals, **metrics}))
         common.maybe_save(training, config, step)
     if test_pairs:
         log.log(config.n_steps, preference_accuracy(training, test_pairs, ref_test))

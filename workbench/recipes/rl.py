@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..losses import PolicyLossType
-from ..rl.advantages import add_kl_penalty, compute_advantages, remove_constant_reward_groups
+from ..rl.advantages import (
+    add_kl_penalty, compute_advantages, remove_constant_reward_groups, sampler_trainer_kl,
+)
 from ..rl.data_processing import assemble_training_data, loss_datums, loss_fn_config
 from ..rl.problem_env import ProblemDataset
 from ..rl.rollouts import do_group_rollouts, rollout_metrics
@@ -64,6 +66,8 @@ def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeRe
                             top_k=config.top_k)
     base = service.create_sampling_client(base_model=training.base_model) if config.kl_coef else None
     log = common.MetricsLog(config.log_dir, config)
+    common.print_banner(training, config, "workbench rl", start, loss_fn=config.loss_fn,
+                        batch=f"{config.groups_per_batch} groups x {config.group_size} samples")
 
     def rollout(step: int, sampler):
         return do_group_rollouts(dataset.get_batch(step), sampler,
@@ -71,8 +75,8 @@ def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeRe
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None  # the next batch's rollouts, when sampling runs ahead (off by one)
-        for step in common.progress(range(start, config.n_steps), config.n_steps - start, "rl",
-                                    config.progress):
+        bar = common.progress(range(start, config.n_steps), config.n_steps - start, "rl", config.progress)
+        for step in bar:
             # A fresh snapshot every step: sampling from a stale client is a classic RL bug.
             sampler = training.save_weights_and_get_sampling_client(f"rl-{step:06d}")
             groups = pending.result() if pending is not None else rollout(step, sampler)
@@ -80,7 +84,7 @@ def main(config: Config, dataset: Optional[RLDataset] = None) -> common.RecipeRe
             if config.async_off_by_one and step + 1 < config.n_steps:
                 pending = pool.submit(rollout, step + 1, sampler)
             metrics = train_on_groups(training, groups, config, base)
-            log.log(step, metrics)
+            common.show(bar, log.log(step, metrics))
             common.maybe_save(training, config, step)
     return common.finish(training, config, log, config.n_steps - 1)
 
@@ -99,7 +103,10 @@ def train_on_groups(training, groups, config: Config, base_sampler=None) -> dict
         return metrics
     adam = AdamParams(learning_rate=config.learning_rate)
     cfg = loss_fn_config(config.loss_fn, config.clip_low, config.clip_high, config.dro_beta)
-    metrics.update(common.train_step(training, loss_datums(data), config.loss_fn, adam, cfg))
+    step_metrics, fb_output = common.train_step_output(training, loss_datums(data), config.loss_fn, adam, cfg)
+    metrics.update(step_metrics)
+    # ~0 on-policy (numerics only); one update stale with async_off_by_one.
+    metrics["train/kl_sampler_trainer"] = sampler_trainer_kl(data, fb_output)
     return metrics
 
 

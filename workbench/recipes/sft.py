@@ -46,6 +46,7 @@ def main(config: Config) -> common.RecipeResult:
     train_datums, evaluators = _data_and_evals(config, renderer, training.get_tokenizer())
     dataset = SupervisedDataset(train_datums, config.batch_size, seed=config.seed)
     log = common.MetricsLog(config.log_dir, config)
+    common.print_banner(training, config, "workbench sft", start, batch_size=config.batch_size)
     run_sft_steps(training, dataset, config, log, evaluators, start)
     return common.finish(training, config, log, config.n_steps - 1)
 
@@ -63,8 +64,8 @@ def run_sft_steps(training, dataset: SupervisedDataset, config: Config, log: com
     # evaluation below runs (max(..., 1): PeriodicEvaluator rejects a period of 0 steps).
     periodic = PeriodicEvaluator(evaluators, config.eval_every or max(config.n_steps, 1),
                                  run_at_start=config.eval_every > 0)
-    for step in common.progress(range(start, config.n_steps), config.n_steps - start, "sft",
-                                config.progress):
+    bar = common.progress(range(start, config.n_steps), config.n_steps - start, "sft", config.progress)
+    for step in bar:
         # Evaluated before the step's update: step 0's row holds the untrained model's figures.
         evals = (periodic.maybe_run(step, training) or {}) if evaluators else {}
         dataset.set_epoch(step // len(dataset))
@@ -75,7 +76,7 @@ def run_sft_steps(training, dataset: SupervisedDataset, config: Config, log: com
         n_tokens = sum(sum(d.loss_fn_inputs["weights"].data) for d in batch)
         metrics.update({"train/loss_per_token": metrics["loss:sum"] / max(n_tokens, 1.0),
                         "train/trained_tokens": n_tokens, "optim/lr": adam.learning_rate})
-        log.log(step, {**evals, **metrics})
+        common.show(bar, log.log(step, {**evals, **metrics}))
         common.maybe_save(training, config, step)
     if evaluators:  # the final evaluation: a row of its own, at step n_steps
         log.log(config.n_steps, periodic.maybe_run(config.n_steps, training, force=True))

@@ -1,4 +1,5 @@
-"""Advantages: reward minus the group mean, constant groups dropped, and per-token KL shaping.
+"""Advantages: reward minus the group mean, constant groups dropped, per-token KL shaping, and
+the sampler-vs-trainer KL check.
 
 No division by the group's standard deviation (as in the cookbook): it would blow up groups
 that are nearly constant, and the reward scale is the task's business.
@@ -6,7 +7,7 @@ that are nearly constant, and the reward scale is the task's business.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..data import target_logprobs
 from ..types import Datum
@@ -65,3 +66,33 @@ def add_kl_penalty(
         new_inputs["advantages"] = inputs["advantages"].to_numpy() - kl_coef * diff_T
         shaped.append(Datum(model_input=datum.model_input, loss_fn_inputs=new_inputs))
     return shaped, {"kl/sampler_reference": diff_sum / max(n_tokens, 1.0)}
+
+
+def sampler_trainer_kl(data: Sequence[Datum], fb_output: Any) -> float:
+    """Mean over action tokens of logp_sampler - logp_trainer: a sample estimate of
+    KL(sampler || trainer) for the batch a forward_backward just trained on.
+
+    `data`: the datums as assembled (assemble_training_data: with `logprobs`, the sampler's,
+    and `mask`, 1 on action tokens), in the order sent; `fb_output`: that forward_backward's
+    result, whose loss_fn_outputs carry the trainer's `logprobs` of the same target tokens.
+    On-policy the two models are the same weights, so it stays near 0 (numerics only); a
+    stale sampler or a sampler/trainer mismatch shows up here first. NaN for no action token.
+    """
+    outputs = fb_output.loss_fn_outputs
+    if len(outputs) != len(data):
+        raise ValueError(f"{len(data)} datums but {len(outputs)} loss_fn_outputs")
+    diff_sum, n_tokens = 0.0, 0.0
+    for i, (datum, out) in enumerate(zip(data, outputs)):
+        inputs = datum.loss_fn_inputs
+        if "mask" not in inputs or "logprobs" not in inputs:
+            raise ValueError(f"data[{i}] needs loss_fn_inputs 'logprobs' and 'mask' (pass the datums "
+                             "before loss_datums removes the mask)")
+        mask_T = inputs["mask"].to_numpy()
+        sampler_T = inputs["logprobs"].to_numpy()
+        trainer_T = out["logprobs"].to_numpy()
+        if trainer_T.shape != mask_T.shape:
+            raise ValueError(f"data[{i}]: {mask_T.shape[0]} target tokens but the trainer returned "
+                             f"{trainer_T.shape[0]} logprobs")
+        diff_sum += float(((sampler_T - trainer_T) * mask_T).sum())
+        n_tokens += float(mask_T.sum())
+    return diff_sum / n_tokens if n_tokens else float("nan")
