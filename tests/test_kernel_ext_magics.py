@@ -45,7 +45,7 @@ def test_help_documents_every_subcommand(ip):
     doc = ip.find_line_magic("tinker").__doc__
     assert doc == magics.__doc__
     for name in ("start", "stop", "connect", "status", "models", "runs", "checkpoints", "watch",
-                 "inspect", "step", "rewind", "rollouts", "monitor", "sample", "plot"):
+                 "inspect", "step", "rewind", "rollouts", "monitor", "sample", "plot", "compare"):
         assert f"%tinker {name}" in doc, name
 
 
