@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Optional, Sequence, Union
 
 # The ready line's grammar is a protocol fact (workbench.wire); re-exported for old imports.
@@ -89,7 +90,14 @@ class LocalServer:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        reader.join(timeout)
+        # Watch the process too: one that exits without the ready line fails at once, even if
+        # its stdout is slow to reach end-of-file.
+        deadline = time.monotonic() + timeout
+        while reader.is_alive() and time.monotonic() < deadline:
+            reader.join(0.1)
+            if self.process.poll() is not None:
+                reader.join(1.0)  # a ready line written just before exiting is still read
+                break
         if not found:
             code = self.process.poll()
             self.stop()
