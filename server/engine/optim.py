@@ -90,7 +90,11 @@ class AdapterOptimizer:
                                    "steps")
         for _ in range(steps - 1):
             self.history.pop()
-        snap = self.history.pop()
+        self.restore(self.history.pop())
+
+    def restore(self, snap: Snapshot) -> None:
+        """Weights, moments, step counters and hyperparameters as in `snap`, bit for bit;
+        the accumulated gradients are discarded."""
         saved: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
         for name, t in snap.tensors.items():
             if name[0] == "s":
@@ -168,11 +172,12 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
                  if i not in refused and opt.history.maxlen}  # for rewind
     groups: dict[tuple, list[int]] = {}
     live: dict[int, list[torch.Tensor]] = {}  # each stepped adapter's weights, moments, step counts
-    saved: dict[int, list[torch.Tensor]] = {}  # the same before the step, to undo it
+    saved: dict[int, list[torch.Tensor]] = {}  # the same before the step, to undo it (no rewind snapshot)
     for i, (opt, adam) in enumerate(batch):
         if with_grads[i] and i not in refused:
             live[i] = [*with_grads[i], *(t for ts in opt._moments(with_grads[i]) for t in ts)]
-            saved[i] = [t.clone() for t in live[i]]
+            if i not in snapshots:  # a rewind snapshot already holds the pre-step state
+                saved[i] = [t.clone() for t in live[i]]
             key = tuple(float(adam[k]) for k in ("learning_rate", "beta1", "beta2", "eps", "weight_decay"))
             groups.setdefault(key, []).append(i)
     with torch.no_grad():
@@ -200,8 +205,11 @@ def step_adapters(batch: Sequence[tuple[AdapterOptimizer, Mapping[str, float]]])
             ]).tolist()  # one device sync
             for i, ok in zip(stepped, finite):
                 if not ok:
-                    for tensor, before in zip(live[i], saved[i]):
-                        tensor.copy_(before)
+                    if i in snapshots:
+                        batch[i][0].restore(snapshots[i])
+                    else:
+                        for tensor, before in zip(live[i], saved[i]):
+                            tensor.copy_(before)
                     refused[i] = ("the step made weights non-finite (learning rate or weight decay "
                                   "too large)")
     metrics: list[Any] = []
